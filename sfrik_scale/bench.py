@@ -41,55 +41,58 @@ def _time(fn: Callable[[], None], repeats: int) -> float:
     return statistics.median(times)
 
 
-def _peak(fn: Callable[[], None]) -> int:
-    with track_peak() as mem:
+def _peak(fn: Callable[[], None], live: Sequence[torch.Tensor]) -> int:
+    with track_peak(*live) as mem:
         fn()
     return mem.peak_bytes
 
 
-def loss_cases(n: int, q: int, seed: int = 0) -> dict[str, Callable[[], None]]:
-    """Closures running forward+backward of each compared method on one (n, q) batch."""
+def loss_cases(n: int, q: int, seed: int = 0) -> tuple[dict[str, Callable[[], None]], list[torch.Tensor]]:
+    """Closures running forward+backward of each compared method on one (n, q) batch, and the
+    input tensors they share (alive before the measurement, so not counted as extra memory)."""
     from .losses import SFRIKLoss, VICRegLoss
 
     g = torch.Generator().manual_seed(seed)
-    raw1 = torch.randn(n, q, generator=g)
-    raw2 = raw1 + 0.1 * torch.randn(n, q, generator=g)
-    z = F.normalize(raw1, dim=1)
+    raw1 = torch.randn(n, q, generator=g).requires_grad_(True)
+    raw2 = (raw1.detach() + 0.1 * torch.randn(n, q, generator=g)).requires_grad_(True)
+    z = F.normalize(raw1.detach(), dim=1).requires_grad_(True)
     kernel = TruncatedLegendre(LEGENDRE_L3, q)
     sfrik = SFRIKLoss(q, coeffs=LEGENDRE_L3, sim_coeff=4000.0)
     vicreg = VICRegLoss()
 
     def floor() -> None:
-        t = z @ z.T
-        _ = t @ z
+        with torch.no_grad():
+            t = z @ z.T
+            _ = t @ z
 
-    def chunked() -> None:
-        x = z.clone().requires_grad_(True)
-        kernel_mean(x, kernel).backward()
-
-    def dense() -> None:
-        x = z.clone().requires_grad_(True)
-        dense_kernel_mean(x, kernel).backward()
+    def one_view(mean_fn) -> Callable[[], None]:
+        def run() -> None:
+            z.grad = None
+            mean_fn(z, kernel).backward()
+        return run
 
     def two_view(loss) -> Callable[[], None]:
         def run() -> None:
-            a, b = raw1.clone().requires_grad_(True), raw2.clone().requires_grad_(True)
-            loss(a, b)["loss"].backward()
+            raw1.grad = raw2.grad = None
+            loss(raw1, raw2)["loss"].backward()
         return run
 
-    return {"floor (ZZ^T, Phi'Z)": floor, "kernel_mean L=3": chunked, "dense gather + NxN": dense,
-            "SFRIKLoss (2 views)": two_view(sfrik), "VICRegLoss (2 views)": two_view(vicreg)}
+    cases = {"floor (ZZ^T, Phi'Z)": floor, "kernel_mean L=3": one_view(kernel_mean),
+             "dense gather + NxN": one_view(dense_kernel_mean),
+             "SFRIKLoss (2 views)": two_view(sfrik), "VICRegLoss (2 views)": two_view(vicreg)}
+    return cases, [raw1, raw2, z]
 
 
 def bench_loss_single(sizes: Sequence[tuple[int, int]], repeats: int = 3,
                       skip: Sequence[str] = ()) -> list[Measurement]:
     out = []
     for n, q in sizes:
-        for method, fn in loss_cases(n, q).items():
+        cases, live = loss_cases(n, q)
+        for method, fn in cases.items():
             if any(s in method for s in skip):
                 continue
             seconds = _time(fn, repeats)
-            out.append(Measurement(method, n, q, seconds, _peak(fn)))
+            out.append(Measurement(method, n, q, seconds, _peak(fn, live)))
     return out
 
 
@@ -101,7 +104,7 @@ def _ring_memory_worker(rank: int, world: int, n: int, q: int) -> dict:
     kernel_mean(z, kernel).backward()  # warm-up
     z.grad = None
     start = time.perf_counter()
-    with track_peak() as mem:
+    with track_peak(z) as mem:
         kernel_mean(z, kernel).backward()
     return {"peak": mem.peak_bytes, "shard": z.numel() * z.element_size(),
             "seconds": time.perf_counter() - start}

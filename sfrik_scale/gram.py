@@ -76,12 +76,14 @@ def validate_embeddings(z: torch.Tensor, kernel: Optional[Kernel], group: comm.G
         elif chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                          or chunk_size < 1):
             problem = f"chunk_size must be a positive integer or None, got {chunk_size!r}"
-        else:
+        # A NaN/Inf anywhere makes the float64 sum non-finite (finite inputs cannot overflow
+        # it): no (n, q) temporaries on the common path, where torch.isfinite would allocate
+        # about three shard-sized ones. The exact count only on the error path.
+        elif not bool(torch.isfinite(z.detach().sum(dtype=torch.float64))):  # host sync: one flag
             bad = ~torch.isfinite(z.detach())
-            if bool(bad.any()):  # host sync: one flag per call
-                rows = torch.nonzero(bad.any(dim=1)).flatten()
-                problem = (f"{name} holds {int(bad.sum())} non-finite values (NaN/Inf) in "
-                           f"{rows.numel()} rows, first at row {int(rows[0])}")
+            rows = torch.nonzero(bad.any(dim=1)).flatten()
+            problem = (f"{name} holds {int(bad.sum())} non-finite values (NaN/Inf) in "
+                       f"{rows.numel()} rows, first at row {int(rows[0])}")
     try:
         comm.agree_across_ranks(problem, shape, what=f"shard shapes (n, q) of {name}", group=group)
     except ValueError as err:
@@ -133,6 +135,8 @@ class _KernelMean(torch.autograd.Function):
                     block = nxt
             del buffers
             comm.all_reduce_(sums, group)  # this rank's rows -> all N x N pairs
+            if grad_acc is not None and c:
+                grad_acc.add_(col_sum, alpha=c)  # sum_j c z_j = c * col_sum: fold in now, in place
 
         norm = float(total_rows) ** 2
         terms = torch.cat([linear.reshape(1), sums]) / norm
@@ -156,10 +160,7 @@ class _KernelMean(torch.autograd.Function):
         comm.all_reduce_(g, ctx.group)
         scale = 2.0 * float(g) / ctx.norm
         if ctx.has_residual:
-            grad = grad_acc
-            if ctx.c:
-                grad = grad.add(col_sum, alpha=ctx.c)  # sum_j c z_j = c * col_sum
-            grad = grad * scale
+            grad = grad_acc * scale  # one new (n, q) tensor; G itself stays intact for retain_graph
         else:
             grad = (col_sum * (ctx.c * scale)).expand(ctx.n, -1).contiguous()
         return grad.to(ctx.out_dtype), None, None, None

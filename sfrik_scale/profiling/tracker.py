@@ -27,8 +27,12 @@ class PeakMemory:
 
 
 @contextlib.contextmanager
-def track_peak(device: Optional[torch.device] = None) -> Iterator[PeakMemory]:
+def track_peak(*live: torch.Tensor, device: Optional[torch.device] = None) -> Iterator[PeakMemory]:
     """Measure the peak extra tensor memory of the block on ``device`` (default: CPU).
+
+    On CPU, pass the tensors that already exist and that the block reads (``live``): the
+    tracker sees a tensor when an op first touches it, so without this an input would be
+    counted as if the block had allocated it. (CUDA counts from the allocator's state at entry.)
 
     Example:
         >>> with track_peak() as mem:
@@ -48,9 +52,15 @@ def track_peak(device: Optional[torch.device] = None) -> Iterator[PeakMemory]:
         return
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    def total(kind: str) -> int:
+        snapshot = tracker.get_tracker_snapshot(kind)
+        return int(sum(v.get("Total", 0) for d, v in snapshot.items() if torch.device(d).type == device.type))
+
     tracker = MemTracker()
     with tracker:
+        if live:
+            tracker.track_external(*live)
+        base = total("current")
         yield result
-    snapshot = tracker.get_tracker_snapshot("peak")
-    result.peak_bytes = int(sum(v.get("Total", 0) for d, v in snapshot.items() if torch.device(d).type == device.type))
+    result.peak_bytes = total("peak") - base
     result.method = "dispatch-level tensor accounting (MemTracker)"
