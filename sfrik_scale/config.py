@@ -1,0 +1,649 @@
+"""Typed configuration: YAML recipe -> dataclasses -> dotted overrides, validated up front.
+
+A run is described by one :class:`Config`, made of one dataclass per section
+(``model``, ``loss``, ``data``, ``optim``, ``train``, ``deepspeed``, ``monitor``,
+``profiling``). Every field carries its documentation in ``metadata["help"]``
+(see :func:`describe_fields`). :func:`load_config` builds it in three layers:
+
+1. the dataclass defaults (those of the built-in ``demo`` recipe, loss coefficients aside),
+2. a YAML recipe, either a file or the name of a recipe shipped in
+   ``sfrik_scale/recipes/`` (:func:`list_recipes`),
+3. command-line overrides ``section.field=value``, values parsed as YAML
+   (``train.epochs=3``, ``loss.coeffs=[1,40,40]``, ``data.path=/data/in1k/train``).
+
+Everything that can be checked without knowing the world size is checked there;
+:meth:`Config.validate` adds the batch-size arithmetic once the launcher has
+decided how many processes there are. Every failure is a :class:`ConfigError`
+(a ``ValueError``) whose message starts with the exact dotted key.
+
+Example:
+    >>> cfg = load_config("imagenet_sfrik_r50", ["data.path=/data/imagenet/train"]).validate(world_size=8)
+    >>> cfg.model.embedding_dim, cfg.peak_lr
+    (32768, 3.2)
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
+
+import yaml
+
+CONFIG_FILENAME = "config.yaml"
+DEFAULT_RECIPE = "demo"
+LR_REFERENCE_BATCH = 256  # lr = base_lr * global_batch_size / 256 (Goyal et al.; VICReg; SFRIK)
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; ``key`` is the dotted key at fault (``"train.epochs"``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+def _f(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose documentation lives in ``metadata["help"]``."""
+    return field(default=default, default_factory=factory, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------- sections
+
+LossName = Literal["sfrik", "vicreg", "simclr", "align_uniform", "contrastive"]
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and projector (built by ``sfrik_scale.models``)."""
+
+    backbone: str = _f("tiny_cnn", help=(
+        "Backbone name: a model registered in sfrik_scale.models (e.g. tiny_cnn) or a torchvision "
+        "classifier (resnet18, resnet50, ...) whose classification head is replaced by identity."))
+    projector: str = _f("256-256-512", help=(
+        "Projector widths 'h1-h2-...-q': Linear-BatchNorm-ReLU blocks, the last Linear without bias; "
+        "the last width is the embedding dimension q (>= 2). The paper uses 8192-8192-32768 for ResNet-50."))
+    sync_bn: bool = _f(True, help=(
+        "Convert BatchNorm layers to SyncBatchNorm before deepspeed.initialize when several processes "
+        "train on a device that supports it (CUDA); ignored with one process or on CPU."))
+
+    @property
+    def projector_widths(self) -> list[int]:
+        """The projector spec as integers, e.g. [8192, 8192, 32768]."""
+        return [int(w) for w in self.projector.split("-")]
+
+    @property
+    def embedding_dim(self) -> int:
+        """q, the width of the projector's output."""
+        return self.projector_widths[-1]
+
+
+# Per-loss defaults, filled into the loss fields a recipe leaves at None (so that the
+# resolved config always shows the numbers that ran). Sources: the SFRIK repository's
+# commands (valeoai/sfrik README) and the VICReg paper / official code.
+LOSS_DEFAULTS: Dict[str, Dict[str, float]] = {
+    "sfrik": {"sim_coeff": 4000.0, "mmd_coeff": 1.0},
+    "vicreg": {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0},
+    "simclr": {"temperature": 0.15},
+    "align_uniform": {"sim_coeff": 3000.0, "mmd_coeff": 1.0, "scale": 2.5},
+    "contrastive": {"sim_coeff": 4000.0, "mmd_coeff": 1.0},
+}
+
+
+@dataclass
+class LossConfig:
+    """The self-supervised loss (``sfrik_scale.losses``); fields a loss does not use are ignored."""
+
+    name: LossName = _f("sfrik", help=(
+        "sfrik (truncated Legendre kernel MMD), vicreg, simclr (NT-Xent with global negatives), "
+        "align_uniform (alignment & uniformity on the hypersphere), contrastive (quadratic kernel t^2)."))
+    coeffs: Tuple[float, ...] = _f((1.0, 40.0, 40.0), help=(
+        "SFRIK Legendre coefficients (b_1, ..., b_L), all >= 0 and not all zero (Schoenberg: the kernel "
+        "is positive definite). (1, 40, 40) is the paper's L = 3; (1, 40) its L = 2."))
+    sim_coeff: Optional[float] = _f(None, help=(
+        "Weight of the invariance term mean((z1 - z2)^2) (sfrik, vicreg, align_uniform, contrastive). "
+        "None: the loss's default (sfrik 4000, vicreg 25, align_uniform 3000, contrastive 4000)."))
+    mmd_coeff: Optional[float] = _f(None, help=(
+        "Weight of the kernel regulariser (sfrik's MMD^2 term, align_uniform's uniformity term, "
+        "contrastive's t^2 term). None: 1.0."))
+    std_coeff: Optional[float] = _f(None, help="VICReg variance-hinge weight. None: 25.")
+    cov_coeff: Optional[float] = _f(None, help="VICReg covariance weight. None: 1.")
+    temperature: Optional[float] = _f(None, help="SimCLR temperature (> 0). None: 0.15.")
+    scale: Optional[float] = _f(None, help=(
+        "Alignment-uniformity kernel scale s in exp(-s |u - v|^2) (> 0). None: 2.5."))
+    chunk_size: Optional[int] = _f(None, help=(
+        "Rows per Gram block in sfrik_scale.gram.kernel_mean (memory O(chunk x N)). "
+        "None: a default chosen from the sizes."))
+
+
+@dataclass
+class DataConfig:
+    """Dataset, two-view augmentations and loader."""
+
+    dataset: Literal["synthetic", "image_folder", "file_list"] = _f("synthetic", help=(
+        "A sfrik_scale.data.DATASETS name. synthetic: procedurally generated images with class structure, "
+        "no download, deterministic by train.seed; image_folder: a tree root/<class>/<image>; "
+        "file_list: a text file of 'path label' lines."))
+    path: Optional[str] = _f(None, help=(
+        "The image_folder root (e.g. /data/imagenet/train) or the file_list text file; required unless synthetic."))
+    num_classes: int = _f(10, help="Number of classes of the synthetic dataset.")
+    image_size: int = _f(32, help=(
+        "Side of the square crops fed to the network (224 for ImageNet); also the size of synthetic images."))
+    synthetic_size: int = _f(4096, help="Number of images in the synthetic dataset.")
+    images_per_class: Optional[int] = _f(None, help=(
+        "Keep only the first K images of each class (in sorted file order); 260 gives the paper's "
+        "ImageNet 20% subset. None: all images."))
+    loader: Literal["auto", "torchvision", "dali"] = _f("torchvision", help=(
+        "auto: DALI on GPU when it is installed, torchvision otherwise; dali needs a GPU and nvidia-dali."))
+    num_workers: int = _f(1, help="Data-loading worker processes per rank (torchvision loader).")
+    augmentations: Literal["vicreg", "simclr", "alignment_uniformity"] = _f("alignment_uniformity", help=(
+        "Two-view augmentation set (a sfrik_scale.data AUGMENTATIONS name): vicreg (the SFRIK paper's, "
+        "ImageNet at 224 px), simclr, alignment_uniformity (Wang & Isola's small-image pipeline, used for "
+        "STL10 and the 32 px demo)."))
+    skip_bad_files: bool = _f(False, help=(
+        "Replace unreadable or corrupt images by another sample (counted and logged) instead of failing."))
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (``sfrik_scale.optim``), stepped per iteration."""
+
+    name: Literal["lars", "adamw", "lamb"] = _f("lars", help=(
+        "lars (biases and normalisation parameters excluded from weight decay and adaptation), adamw, lamb."))
+    base_lr: float = _f(0.3, help="Learning rate per 256 images: peak lr = base_lr * train.global_batch_size / 256.")
+    weight_decay: float = _f(1e-6, help="Weight decay (decoupled for adamw).")
+    momentum: float = _f(0.9, help="LARS momentum, in [0, 1).")
+    eta: float = _f(0.001, help="LARS trust coefficient (> 0).")
+    betas: Tuple[float, float] = _f((0.9, 0.999), help="AdamW/LAMB betas, each in [0, 1).")
+    warmup_epochs: float = _f(1.0, help="Linear warm-up from 0 to the peak lr, in epochs (<= train.epochs).")
+    final_lr_ratio: float = _f(0.001, help="The cosine decay ends at final_lr_ratio x peak lr, in [0, 1].")
+
+    def peak_lr(self, global_batch_size: int) -> float:
+        """base_lr x global_batch_size / 256."""
+        return self.base_lr * global_batch_size / LR_REFERENCE_BATCH
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, batch sizes, checkpoints, logging."""
+
+    epochs: int = _f(10, help="Passes over the dataset.")
+    global_batch_size: int = _f(256, help="Images per optimiser step, over all ranks and accumulation steps.")
+    micro_batch_size: Optional[int] = _f(None, help=(
+        "Images per rank per forward pass. None: global_batch_size / world_size (no gradient accumulation). "
+        "With accumulation the kernel regulariser only sees micro_batch_size x world_size rows at a time, "
+        "which changes SFRIK's objective: prefer accumulation 1."))
+    seed: int = _f(0, help="Seed of parameters, data order, augmentations and the synthetic dataset.")
+    run_dir: str = _f("runs/demo", help=(
+        "Run directory: resolved config.yaml, TensorBoard events, checkpoints, summary.json."))
+    resume: bool = _f(True, help="Resume from the latest complete checkpoint in run_dir when there is one.")
+    checkpoint_every_steps: int = _f(200, help="Checkpoint every k optimiser steps (0: only at the end).")
+    keep_last: int = _f(2, help="Number of most recent checkpoints kept in run_dir.")
+    log_every_steps: int = _f(10, help="Optimiser steps between scalar logs (each log is a host sync).")
+    max_steps: Optional[int] = _f(None, help="Stop after this many optimiser steps (smoke runs). None: epochs decide.")
+    on_nonfinite: Literal["skip", "stop"] = _f("skip", help=(
+        "A non-finite loss: skip the optimiser step (counted and logged) or stop with an error."))
+
+    def micro_batch_size_for(self, world_size: int) -> int:
+        """Per-rank micro-batch for ``world_size`` processes (call :meth:`Config.validate` first)."""
+        return self.micro_batch_size if self.micro_batch_size is not None else self.global_batch_size // world_size
+
+    def gradient_accumulation_steps(self, world_size: int) -> int:
+        """global_batch_size / (micro_batch_size x world_size)."""
+        return self.global_batch_size // (self.micro_batch_size_for(world_size) * world_size)
+
+
+@dataclass
+class DeepSpeedSettings:
+    """DeepSpeed engine options; ``sfrik_scale.ds_config.build_ds_config`` turns them into the ds_config dict."""
+
+    zero_stage: Literal[0, 1, 2, 3] = _f(0, help=(
+        "ZeRO stage: 0 (plain data parallel), 1 (partitions optimizer state), 2 (+ gradients), 3 (+ parameters)."))
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", help=(
+        "Training precision. The loss's Gram and polynomials run in fp32 regardless. fp16 uses dynamic "
+        "loss scaling and needs a GPU; CPU runs support fp32 and bf16."))
+    offload_optimizer: bool = _f(False, help=(
+        "Keep optimizer state on the CPU (ZeRO-Offload, pinned memory); needs zero_stage >= 1."))
+    gradient_clipping: float = _f(0.0, help=(
+        "Global gradient-norm clipping; 0.0 disables it. Always written to the ds_config because "
+        "DeepSpeed's own default is 1.0 and the SSL recipes do not clip."))
+    config_file: Optional[str] = _f(None, help=(
+        "A ds_config JSON template to start from: a path, or a name in the repository's ds_configs/ "
+        "(e.g. zero2_bf16). Resolved at load time: its stage, precision, offload and clipping become the "
+        "defaults of the fields above, the rest goes under extra; the resolved config then sets this to None."))
+    extra: Dict[str, Any] = _f(factory=dict, help=(
+        "Further ds_config keys merged last (e.g. {zero_optimization: {overlap_comm: true}}). Keys owned by "
+        "the fields above, the batch keys and optimizer/scheduler sections are refused."))
+
+
+@dataclass
+class MonitorConfig:
+    """Rank-0 monitoring (``sfrik_scale.monitor``)."""
+
+    tensorboard: bool = _f(True, help="Write TensorBoard scalars under run_dir.")
+    progress: bool = _f(True, help="Show a rich progress bar per epoch and a summary table at the end.")
+
+
+@dataclass
+class ProfilingConfig:
+    """Optional profiling (``sfrik_scale.profiling``)."""
+
+    enabled: bool = _f(False, help="Record per-step time and peak-memory breakdowns into run_dir.")
+
+
+@dataclass
+class Config:
+    """A complete run description. Build it with :func:`load_config`, which also fills the loss
+    coefficients left at None from ``LOSS_DEFAULTS`` and expands ``deepspeed.config_file``."""
+
+    model: ModelConfig = _f(factory=ModelConfig, help=ModelConfig.__doc__)
+    loss: LossConfig = _f(factory=LossConfig, help=LossConfig.__doc__)
+    data: DataConfig = _f(factory=DataConfig, help=DataConfig.__doc__)
+    optim: OptimConfig = _f(factory=OptimConfig, help=OptimConfig.__doc__)
+    train: TrainConfig = _f(factory=TrainConfig, help=TrainConfig.__doc__)
+    deepspeed: DeepSpeedSettings = _f(factory=DeepSpeedSettings, help=DeepSpeedSettings.__doc__)
+    monitor: MonitorConfig = _f(factory=MonitorConfig, help=MonitorConfig.__doc__)
+    profiling: ProfilingConfig = _f(factory=ProfilingConfig, help=ProfilingConfig.__doc__)
+
+    @property
+    def peak_lr(self) -> float:
+        """optim.base_lr x train.global_batch_size / 256."""
+        return self.optim.peak_lr(self.train.global_batch_size)
+
+    def validate(self, world_size: int = 1) -> "Config":
+        """Check everything, including the batch arithmetic for ``world_size`` processes; returns self."""
+        _check_values(self)
+        _check_world_size(self, world_size)
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict (tuples as lists), suitable for YAML/JSON."""
+        return _plain(dataclasses.asdict(self))
+
+    def save(self, run_dir: Union[str, Path]) -> Path:
+        """Write the resolved config to ``run_dir/config.yaml``; :func:`load_config` on it gives an equal Config."""
+        path = Path(run_dir) / CONFIG_FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        path.write_text("# Resolved sfrik-scale configuration; rerun with: --config " + str(path) + "\n" + text)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "Config":
+        """Read a saved ``config.yaml`` (or a run directory containing one)."""
+        path = Path(path)
+        return load_config(str(path / CONFIG_FILENAME if path.is_dir() else path))
+
+
+SECTIONS: Dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- recipes
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped in ``sfrik_scale/recipes/``, sorted."""
+    folder = resources.files("sfrik_scale").joinpath("recipes")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_text(name: str) -> str:
+    """The YAML text of a built-in recipe (with its comment header)."""
+    if name not in list_recipes():
+        raise ConfigError("--config", f"unknown recipe {name!r}{_suggest(name, list_recipes())}; "
+                                      f"built-in recipes: {', '.join(list_recipes())}")
+    return resources.files("sfrik_scale").joinpath("recipes").joinpath(name + ".yaml").read_text()
+
+
+def _read_source(source: str) -> Tuple[str, str]:
+    """(YAML text, description) for a recipe name or a file path."""
+    path = Path(source)
+    if path.is_dir() and (path / CONFIG_FILENAME).is_file():
+        path = path / CONFIG_FILENAME
+    if path.is_file():
+        return path.read_text(), str(path)
+    if source in list_recipes():
+        return recipe_text(source), f"recipe {source}"
+    raise ConfigError("--config", f"{source!r} is neither a file nor a built-in recipe"
+                                  f"{_suggest(source, list_recipes())}; built-in recipes: {', '.join(list_recipes())}")
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_config(source: Optional[str] = None, overrides: Sequence[str] = (),
+                world_size: Optional[int] = None) -> Config:
+    """Build a validated Config from a recipe (name or YAML file; None: the demo) and dotted overrides.
+
+    Args:
+        source: a built-in recipe name (see :func:`list_recipes`), a YAML file, or a run directory.
+        overrides: ``"section.field=value"`` strings; values are parsed as YAML
+            (``train.epochs=3``, ``loss.coeffs=[1,40,40]``, ``deepspeed.extra.zero_optimization.overlap_comm=true``).
+        world_size: when given, also run :meth:`Config.validate` for it.
+
+    Raises:
+        ConfigError: naming the dotted key of the first invalid value.
+    """
+    text, origin = _read_source(source or DEFAULT_RECIPE)
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError("--config", f"{origin} is not valid YAML: {err}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError("--config", f"{origin} must hold a mapping of sections, got {type(raw).__name__}")
+    from sfrik_scale.ds_config import expand_ds_template  # deferred: ds_config imports this module
+
+    # A ds_config template applies where it is named: under the recipe's own deepspeed fields
+    # when the recipe names it, over the recipe (and under later overrides) when an override does.
+    if isinstance(raw.get("deepspeed"), dict):
+        raw["deepspeed"] = expand_ds_template(raw["deepspeed"], template_wins=False)
+    for item in overrides:
+        if _apply_override(raw, item) == "deepspeed.config_file":
+            raw["deepspeed"] = expand_ds_template(raw["deepspeed"], template_wins=True)
+    cfg = _build_config(raw)
+    _resolve_loss_defaults(cfg)
+    _check_values(cfg)
+    if world_size is not None:
+        _check_world_size(cfg, world_size)
+    return cfg
+
+
+def _apply_override(raw: Dict[str, Any], item: str) -> str:
+    """Set one ``section.field=value`` in the raw nested dict; returns the dotted key."""
+    if not isinstance(item, str) or "=" not in item:
+        raise ConfigError(str(item), "an override must look like section.field=value")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if len(parts) < 2 or any(not p for p in parts):
+        raise ConfigError(key or "(empty)", f"an override key must be section.field{_suggest(key, _all_keys())}")
+    section, name = parts[0], parts[1]
+    if section not in SECTIONS:
+        raise ConfigError(key, f"unknown section {section!r}{_suggest(key, _all_keys())}; "
+                               f"sections: {', '.join(SECTIONS)}")
+    hints = typing.get_type_hints(SECTIONS[section])
+    _known(name, hints, section + ".")
+    if len(parts) > 2 and not (section == "deepspeed" and name == "extra"):
+        raise ConfigError(key, f"{section}.{name} has no sub-keys")
+    value = _parse_scalar(key, text)
+    if _accepts_str(hints[name]) and value is not None and not isinstance(value, str):
+        value = text.strip()  # e.g. model.projector=2048-12-31 must not become a date
+    if raw.get(section) is None:  # absent, or an empty "section:" line in the YAML
+        raw[section] = {}
+    node = raw[section]
+    if not isinstance(node, dict):
+        raise ConfigError(section, f"must be a mapping, got {type(node).__name__}")
+    for part in parts[1:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[parts[-1]] = value
+    return key
+
+
+def _parse_scalar(key: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, RecursionError) as err:
+        raise ConfigError(key, f"cannot parse value {text!r} as YAML ({type(err).__name__})") from None
+
+
+def _build_config(raw: Mapping[str, Any]) -> Config:
+    sections = {}
+    for section, values in raw.items():
+        _known(section, SECTIONS, "")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(section, f"must be a mapping of fields, got {type(values).__name__}")
+        sections[section] = _build_section(SECTIONS[section], values, section)
+    return Config(**sections)
+
+
+def _build_section(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        _known(name, hints, prefix + ".")
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}")
+    return cls(**kwargs)
+
+
+def _resolve_loss_defaults(cfg: Config) -> None:
+    for name, value in LOSS_DEFAULTS[cfg.loss.name].items():
+        if getattr(cfg.loss, name) is None:
+            setattr(cfg.loss, name, value)
+
+
+# --------------------------------------------------------------------------- types
+
+def _accepts_str(tp: Any) -> bool:
+    if tp is str:
+        return True
+    return typing.get_origin(tp) is Union and str in typing.get_args(tp)
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        return "a list of numbers" if args[-1] is Ellipsis else f"a list of {len(args)} numbers"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked (and converted: int -> float, list -> tuple) against annotation ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    wrong = ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}")
+    if tp is Any:
+        return value
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner, key)
+    if origin is Literal:
+        if isinstance(value, bool) or value not in args or type(value) not in {type(a) for a in args}:
+            names = [str(a) for a in args]
+            raise ConfigError(key, f"must be one of {', '.join(repr(a) for a in args)}, got {_short(value)}"
+                                   f"{_suggest(str(value), names)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-6 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise wrong from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise wrong
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(key, f"{_short(value)} is out of range") from None
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be finite, got {value}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {type(value).__name__} {_short(value)} (quote it)")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise wrong
+        if args[-1] is not Ellipsis and len(value) != len(args):
+            raise ConfigError(key, f"expected {len(args)} values, got {len(value)}")
+        inner = args[0] if args[-1] is Ellipsis else None
+        return tuple(_coerce(v, inner or args[i], f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise wrong
+        try:
+            _check_json_like(value, key)
+            return json.loads(json.dumps(value))
+        except RecursionError:
+            raise ConfigError(key, "nested too deeply") from None
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
+
+
+def _check_json_like(value: Any, key: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ConfigError(key, f"mapping keys must be strings, got {_short(k)}")
+            _check_json_like(v, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_json_like(v, f"{key}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"must be finite, got {value}")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise ConfigError(key, f"{type(value).__name__} values are not allowed here (JSON types only)")
+
+
+# --------------------------------------------------------------------------- validation
+
+_PROJECTOR_RE = re.compile(r"^[1-9][0-9]*(-[1-9][0-9]*)*$")
+
+
+def _check_values(cfg: Config) -> None:
+    """World-size independent checks, in section order."""
+    m, lo, d, o, t, ds = cfg.model, cfg.loss, cfg.data, cfg.optim, cfg.train, cfg.deepspeed
+    _require(bool(m.backbone.strip()), "model.backbone", "must not be empty")
+    _require(bool(_PROJECTOR_RE.match(m.projector)), "model.projector",
+             f"{m.projector!r} is not a spec of positive widths like '8192-8192-32768'")
+    _require(m.embedding_dim >= 2, "model.projector", f"the last width q = {m.embedding_dim} must be >= 2")
+
+    _require(len(lo.coeffs) >= 1, "loss.coeffs", "needs at least b_1, e.g. [1, 40, 40]")
+    for i, b in enumerate(lo.coeffs):
+        _require(b >= 0, "loss.coeffs", f"b_{i + 1} = {b} is negative: the truncated Legendre kernel is positive "
+                                        "definite only with all coefficients >= 0 (Schoenberg)")
+    _require(any(b > 0 for b in lo.coeffs), "loss.coeffs", "all coefficients are zero: no regularisation")
+    for name in ("sim_coeff", "mmd_coeff", "std_coeff", "cov_coeff"):
+        value = getattr(lo, name)
+        _require(value is None or value >= 0, f"loss.{name}", f"must be >= 0, got {value}")
+    for name in ("temperature", "scale"):
+        value = getattr(lo, name)
+        _require(value is None or value > 0, f"loss.{name}", f"must be > 0, got {value}")
+    _require(lo.chunk_size is None or lo.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {lo.chunk_size}")
+
+    _require(d.dataset == "synthetic" or bool(d.path), "data.path",
+             f"required for dataset {d.dataset!r}: pass data.path=/path/to/images")
+    for name, low in (("num_classes", 1), ("image_size", 8), ("synthetic_size", 1), ("num_workers", 0)):
+        _require(getattr(d, name) >= low, f"data.{name}", f"must be >= {low}, got {getattr(d, name)}")
+    _require(d.images_per_class is None or d.images_per_class >= 1, "data.images_per_class",
+             f"must be >= 1, got {d.images_per_class}")
+
+    _require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
+    _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _require(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
+    _require(o.eta > 0, "optim.eta", f"must be > 0, got {o.eta}")
+    _require(all(0 <= b < 1 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}")
+    _require(0 <= o.warmup_epochs <= t.epochs, "optim.warmup_epochs",
+             f"must be in [0, train.epochs = {t.epochs}], got {o.warmup_epochs}")
+    _require(0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio", f"must be in [0, 1], got {o.final_lr_ratio}")
+
+    for name, low in (("epochs", 1), ("global_batch_size", 1), ("seed", 0), ("checkpoint_every_steps", 0),
+                      ("keep_last", 1), ("log_every_steps", 1)):
+        _require(getattr(t, name) >= low, f"train.{name}", f"must be >= {low}, got {getattr(t, name)}")
+    _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+    _require(bool(t.run_dir.strip()), "train.run_dir", "must not be empty")
+    if t.micro_batch_size is not None:
+        _require(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")
+        _require(t.global_batch_size % t.micro_batch_size == 0, "train.global_batch_size",
+                 f"{t.global_batch_size} is not divisible by train.micro_batch_size = {t.micro_batch_size}")
+
+    _require(ds.gradient_clipping >= 0, "deepspeed.gradient_clipping", f"must be >= 0, got {ds.gradient_clipping}")
+    _require(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer",
+             "needs deepspeed.zero_stage >= 1 (ZeRO-Offload)")
+    _require(ds.config_file is None, "deepspeed.config_file",
+             "templates are expanded by load_config; build the Config with load_config(..., overrides)")
+    from sfrik_scale.ds_config import check_extra  # deferred: ds_config imports this module
+
+    check_extra(ds.extra)
+
+
+def _check_world_size(cfg: Config, world_size: int) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError("world_size", f"must be a positive integer, got {world_size!r}")
+    t = cfg.train
+    micro = t.micro_batch_size_for(world_size)
+    per_step = micro * world_size
+    if t.micro_batch_size is None and t.global_batch_size % world_size:
+        raise ConfigError("train.global_batch_size", f"{t.global_batch_size} is not divisible by the world size "
+                                                     f"{world_size} (train.micro_batch_size is null: one "
+                                                     "micro-batch of global / world_size images per rank)")
+    if micro < 1 or t.global_batch_size % per_step:
+        raise ConfigError("train.global_batch_size", f"{t.global_batch_size} is not divisible by "
+                                                     f"train.micro_batch_size x world_size = {micro} x {world_size}")
+    if cfg.data.dataset == "synthetic" and cfg.data.synthetic_size < t.global_batch_size:
+        raise ConfigError("data.synthetic_size", f"{cfg.data.synthetic_size} images make no full batch of "
+                                                 f"train.global_batch_size = {t.global_batch_size}")
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _known(name: Any, known: Mapping[str, Any], prefix: str) -> None:
+    if name not in known:
+        where = f"section {prefix[:-1]!r}" if prefix else "the config"
+        raise ConfigError(f"{prefix}{name}", f"unknown key in {where}{_suggest(str(name), list(known), prefix)}; "
+                                             f"known: {', '.join(known)}")
+
+
+def _suggest(name: str, choices: Sequence[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(str(name), list(choices), n=3, cutoff=0.6)
+    return f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "<deeply nested value>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def describe_fields() -> list[Tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) for every field, e.g. for ``sfrik-scale pretrain --help``."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), _plain(default), f.metadata["help"]))
+    return rows
