@@ -76,14 +76,15 @@ def validate_embeddings(z: torch.Tensor, kernel: Optional[Kernel], group: comm.G
         elif chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                          or chunk_size < 1):
             problem = f"chunk_size must be a positive integer or None, got {chunk_size!r}"
-        # A NaN/Inf anywhere makes the float64 sum non-finite (finite inputs cannot overflow
-        # it): no (n, q) temporaries on the common path, where torch.isfinite would allocate
+        # A NaN/Inf anywhere makes the float64 sum non-finite (finite fp32/bf16 inputs cannot
+        # overflow it): no (n, q) temporaries on the common path, where torch.isfinite would allocate
         # about three shard-sized ones. The exact count only on the error path.
         elif not bool(torch.isfinite(z.detach().sum(dtype=torch.float64))):  # host sync: one flag
             bad = ~torch.isfinite(z.detach())
-            rows = torch.nonzero(bad.any(dim=1)).flatten()
-            problem = (f"{name} holds {int(bad.sum())} non-finite values (NaN/Inf) in "
-                       f"{rows.numel()} rows, first at row {int(rows[0])}")
+            if bool(bad.any()):  # else: finite float64 values whose sum overflowed; nothing wrong
+                rows = torch.nonzero(bad.any(dim=1)).flatten()
+                problem = (f"{name} holds {int(bad.sum())} non-finite values (NaN/Inf) in "
+                           f"{rows.numel()} rows, first at row {int(rows[0])}")
     try:
         comm.agree_across_ranks(problem, shape, what=f"shard shapes (n, q) of {name}", group=group)
     except ValueError as err:
@@ -172,7 +173,7 @@ def term_names(kernel: Kernel) -> tuple[str, ...]:
 
 
 def kernel_mean(z: torch.Tensor, kernel: Kernel, chunk_size: Optional[int] = None,
-                group: comm.Group = None, return_terms: bool = False
+                group: comm.Group = None, return_terms: bool = False, check_inputs: bool = True
                 ) -> Union[torch.Tensor, tuple[torch.Tensor, dict[str, torch.Tensor]]]:
     """(1/N^2) sum_{i,j} phi(z_i . z_j) over the global batch, diagonal included.
 
@@ -186,6 +187,8 @@ def kernel_mean(z: torch.Tensor, kernel: Kernel, chunk_size: Optional[int] = Non
         group: process group (None: the default group, or a single process).
         return_terms: also return a dict of the detached per-term parts (for SFRIK each
             order's b_l * mean P_l), which sum to the value.
+        check_inputs: run ``validate_embeddings`` (one small collective and host sync).
+            Only a caller that has just validated the same tensor should pass False.
 
     Returns:
         The value (0-dim; fp32 for fp32/bf16/fp16 inputs, fp64 for fp64), identical on every
@@ -206,7 +209,8 @@ def kernel_mean(z: torch.Tensor, kernel: Kernel, chunk_size: Optional[int] = Non
         >>> z = torch.nn.functional.normalize(torch.randn(256, 512), dim=1)
         >>> kernel_mean(z, TruncatedLegendre((1.0, 40.0, 40.0), q=512))
     """
-    validate_embeddings(z, kernel, group, chunk_size=chunk_size)
+    if check_inputs:
+        validate_embeddings(z, kernel, group, chunk_size=chunk_size)
     value, terms = _KernelMean.apply(z, kernel, chunk_size, group)
     if not return_terms:
         return value

@@ -195,6 +195,11 @@ def test_kernel_mean_rejects_non_finite_values_naming_the_row():
         kernel_mean(z, TruncatedLegendre((1.0, 1.0), q=8))
 
 
+def test_finite_float64_values_whose_sum_overflows_are_accepted():
+    z = torch.full((4, 8), 1e307, dtype=torch.float64)
+    gram.validate_embeddings(z, TruncatedLegendre((1.0,), q=8))
+
+
 @pytest.mark.parametrize("chunk", [0, -2, 2.5])
 def test_kernel_mean_rejects_bad_chunk_size(chunk):
     with pytest.raises(ValueError, match="chunk_size"):

@@ -1,0 +1,73 @@
+"""Self-supervised losses on two views, all keeping one contract (DESIGN.md section 2).
+
+Called as ``loss(z1, z2)`` on this rank's raw projector outputs, shape (batch, q); each
+normalises where its method does and returns a dict with a differentiable "loss" and
+detached, named components. Distributed: each rank's gradient on its shard, divided by
+world size, equals those rows of the single-process gradient on the concatenated batch, so
+DeepSpeed/DDP gradient averaging gives the exact single-process parameter gradients. Each
+class's ``local_components`` names the components that are this rank's own (they average
+over ranks to the single-process value); the others are global, identical on every rank.
+
+    sfrik          SFRIKLoss                 truncated Legendre kernel MMD (Zheng et al., 2023)
+    vicreg         VICRegLoss                variance-invariance-covariance (Bardes et al., 2022)
+    simclr         SimCLRLoss                NT-Xent with global negatives (Chen et al., 2020)
+    align_uniform  AlignUniformLoss          alignment & uniformity (Wang & Isola, 2020)
+    contrastive    ContrastiveQuadraticLoss  quadratic-kernel sample-contrastive (Garrido et al., 2023)
+
+Example:
+    >>> import torch
+    >>> loss_fn = build_loss("sfrik", q=512, sim_coeff=4000.0)
+    >>> out = loss_fn(torch.randn(64, 512), torch.randn(64, 512))
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from ..registry import Registry
+from .align_uniform import AlignUniformLoss
+from .contrastive import ContrastiveQuadraticLoss
+from .kernel_mmd import KernelMMDLoss
+from .sfrik import SFRIKLoss
+from .simclr import SimCLRLoss
+from .vicreg import VICRegLoss
+
+__all__ = ["LOSSES", "AlignUniformLoss", "ContrastiveQuadraticLoss", "KernelMMDLoss", "SFRIKLoss",
+           "SimCLRLoss", "VICRegLoss", "build_loss", "loss_parameters"]
+
+#: name -> loss class; every class takes ``q`` and ``group`` keywords
+LOSSES: Registry[type[nn.Module]] = Registry("loss")
+LOSSES.register("sfrik")(SFRIKLoss)
+LOSSES.register("vicreg")(VICRegLoss)
+LOSSES.register("simclr")(SimCLRLoss)
+LOSSES.register("align_uniform")(AlignUniformLoss)
+LOSSES.register("contrastive")(ContrastiveQuadraticLoss)
+
+
+def loss_parameters(name: str) -> tuple[str, ...]:
+    """The keyword arguments the loss ``name`` accepts besides ``q`` (e.g. to pick the
+    relevant fields of a config section)."""
+    params = inspect.signature(LOSSES.get(name)).parameters
+    return tuple(p for p in params if p != "q")
+
+
+def build_loss(name: str, q: int, **kwargs: Any) -> nn.Module:
+    """Build the loss registered as ``name`` for embeddings of width ``q``.
+
+    Keyword arguments set to None are dropped (the loss's default applies); an argument the
+    loss does not take raises ValueError listing those it does; an unknown name raises
+    KeyError listing the registered ones.
+
+    Example:
+        >>> build_loss("vicreg", q=8192, sim_coeff=25.0, chunk_size=None)  # None: dropped
+        VICRegLoss(sim_coeff=25.0, std_coeff=25.0, cov_coeff=1.0, eps=0.0001, q=8192)
+    """
+    cls = LOSSES.get(name)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    accepted = loss_parameters(name)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"loss {name!r} does not take {', '.join(unknown)}; it takes {', '.join(accepted)}")
+    return cls(q=q, **kwargs)

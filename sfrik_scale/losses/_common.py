@@ -1,0 +1,71 @@
+"""Helpers shared by the losses: input checks for the two views, normalisation, and the
+coefficient checks. Kept tiny so that each loss module reads on its own."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import comm
+from ..gram import validate_embeddings
+from ..kernels import Kernel
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def compute_dtype(z: torch.Tensor) -> torch.dtype:
+    """float64 stays float64; bf16/fp16 are promoted to float32 (norms, softmax, covariance
+    and polynomials lose too much in low precision); float32 stays float32."""
+    return torch.float32 if z.dtype in _LOW_PRECISION else z.dtype
+
+
+def unit_rows(z: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the rows of z (n, q) in ``compute_dtype``; autograd casts the gradient back."""
+    return F.normalize(z.to(compute_dtype(z)), dim=1)
+
+
+def validate_views(z1: torch.Tensor, z2: torch.Tensor, group: comm.Group = None,
+                   kernel: Optional[Kernel] = None, q: Optional[int] = None,
+                   chunk_size: Optional[int] = None) -> None:
+    """Check both views; every rank raises the same ValueError, none is left in a collective.
+
+    Each view goes through ``gram.validate_embeddings`` (shape (n, q), floating, finite,
+    q matching the kernel, the same (n, q) on every rank; one small collective each). After
+    that, every shape is identical on all ranks, so the checks below, which only look at
+    shapes, raise on every rank alike without another collective.
+    """
+    validate_embeddings(z1, kernel, group, name="z1", chunk_size=chunk_size)
+    validate_embeddings(z2, kernel, group, name="z2", chunk_size=chunk_size)
+    if z1.shape != z2.shape:
+        raise ValueError(f"z1 and z2 must have the same shape (n, q): got z1 {tuple(z1.shape)} "
+                         f"and z2 {tuple(z2.shape)}")
+    if q is not None and z1.shape[1] != q:
+        raise ValueError(f"the loss was built for q={q} but z1 and z2 have {z1.shape[1]} columns "
+                         f"(shape {tuple(z1.shape)})")
+
+
+def global_rows(z: torch.Tensor, group: comm.Group = None) -> int:
+    """N = n x world size, the number of rows of the global batch."""
+    return z.shape[0] * comm.rank_and_world(group)[1]
+
+
+def check_coeff(name: str, value: float, positive: bool = False) -> float:
+    """A finite coefficient >= 0 (> 0 with ``positive``), else a ValueError naming it."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be a finite number {'>' if positive else '>='} 0, got {value}")
+    return value
+
+
+def check_q(q: Optional[int]) -> Optional[int]:
+    """None, or an integer q >= 2."""
+    if q is None:
+        return None
+    if isinstance(q, bool) or not isinstance(q, int) or q < 2:
+        raise ValueError(f"q (the embedding dimension) must be an integer >= 2 or None, got q={q!r}")
+    return q
