@@ -146,8 +146,9 @@ class DataConfig:
         "Two-view augmentation set (a sfrik_scale.data AUGMENTATIONS name): vicreg (the SFRIK paper's, "
         "ImageNet at 224 px), simclr, alignment_uniformity (Wang & Isola's small-image pipeline, used for "
         "STL10 and the 32 px demo)."))
-    skip_bad_files: bool = _f(False, help=(
-        "Replace unreadable or corrupt images by another sample (counted and logged) instead of failing."))
+    skip_bad_files: bool = _f(True, help=(
+        "Replace unreadable or corrupt images by another sample (counted, and named in TensorBoard and "
+        "summary.json) instead of failing; false stops at the first bad file, naming it."))
 
 
 @dataclass
