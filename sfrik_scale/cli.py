@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_pretrain_parser = None
     if add_pretrain_parser is not None:
         add_pretrain_parser(sub)
+    export = sub.add_parser("export", help="fp32 backbone and projector weights of a run (any ZeRO stage)")
+    export.add_argument("run_dir", help="the pretraining run directory")
+    export.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
+    export.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
     return parser
 
 
@@ -37,6 +41,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "bench":
             from .bench import main_bench
             return main_bench(args)
+        if args.command == "export":
+            import json
+
+            from .checkpoint import export_run
+            print(json.dumps(export_run(args.run_dir, args.out, args.tag), indent=2))
+            return 0
         if args.command == "pretrain":
             from .pretrain import main_pretrain
             return main_pretrain(args, extra)

@@ -77,6 +77,12 @@ def all_reduce_(tensor: torch.Tensor, group: Group = None) -> torch.Tensor:
     return tensor
 
 
+def barrier(group: Group = None) -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if is_distributed(group):
+        _backend().barrier(group=group)
+
+
 def all_gather_tensor(tensor: torch.Tensor, group: Group = None) -> torch.Tensor:
     """Concatenate equally-shaped tensors of all ranks along dim 0 (no autograd)."""
     if not is_distributed(group):

@@ -408,3 +408,64 @@ def _strip_prefix(
             if k == root or k.startswith(prefix)
         )
     return state, metadata
+
+
+# ----------------------------------------------------------------------------------------
+# Normalisation in fp32 under bf16/fp16 training.
+# ----------------------------------------------------------------------------------------
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class _FP32BatchNormMixin:
+    """BatchNorm whose statistics and affine transform run in fp32 for bf16/fp16 inputs.
+
+    DeepSpeed's bf16/fp16 modes cast every parameter, BatchNorm's weight and bias included,
+    to low precision, while its running statistics stay fp32. Low-precision batch statistics
+    are fragile (variances of near-constant channels, e.g. 1x1 feature maps, come out 0 or
+    NaN in bf16) and CPU batch_norm refuses mixed dtypes, so, as autocast does, the layer
+    computes in fp32 and returns the input's dtype. Gradients reach the low-precision
+    parameters through the casts. fp32 inputs take the ordinary path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # mirrors nn.modules.batchnorm._BatchNorm
+        if x.dtype not in _LOW_PRECISION:
+            return super().forward(x)
+        self._check_input_dim(x)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        stats = [None if b is None or not track else (b if b.dtype == torch.float32 else b.float())
+                 for b in (self.running_mean, self.running_var)]
+        out = nn.functional.batch_norm(
+            x.float(), stats[0], stats[1],
+            None if self.weight is None else self.weight.float(),
+            None if self.bias is None else self.bias.float(),
+            use_batch_stats, factor, self.eps)
+        for buf, new in zip((self.running_mean, self.running_var), stats):
+            if buf is not None and new is not None and new is not buf:
+                buf.copy_(new)  # statistics kept in low precision by someone else: write back
+        return out.to(x.dtype)
+
+
+_FP32_CLASSES: dict[type, type] = {}
+
+
+def batchnorm_in_fp32(model: nn.Module) -> nn.Module:
+    """Make every BatchNorm{1,2,3}d of ``model`` compute in fp32 under bf16/fp16 (in place).
+
+    Call before ``deepspeed.initialize`` for bf16/fp16 runs. The layers keep their class
+    hierarchy, parameters, buffers and state-dict keys; only ``forward`` changes, and only
+    for low-precision inputs. SyncBatchNorm (CUDA) is left alone: its CUDA kernels accept
+    low-precision inputs with fp32 statistics.
+    """
+    for module in model.modules():
+        cls = type(module)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, nn.SyncBatchNorm) \
+                and not isinstance(module, _FP32BatchNormMixin):
+            if cls not in _FP32_CLASSES:
+                _FP32_CLASSES[cls] = type(f"FP32{cls.__name__}", (_FP32BatchNormMixin, cls), {})
+            module.__class__ = _FP32_CLASSES[cls]
+    return model

@@ -1,0 +1,220 @@
+"""Checkpoints in the run directory: save on every rank, mark complete, resume, keep the last K.
+
+Layout: ``RUN_DIR/checkpoints/step000001234/`` holds DeepSpeed's files (model states,
+ZeRO partitions, optimizer and LR-schedule state, our client state), one
+``rng_rank{r}.pt`` per rank, and, once every rank has finished writing, a ``COMPLETE``
+marker. ``RUN_DIR/checkpoints/latest_complete`` names the newest complete tag. Both are
+written to a temporary name, fsynced and renamed, so a crash at any moment leaves either
+the old pointer or the new one, never a torn file; a tag without its marker is never
+resumed from.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+
+from . import comm
+
+CHECKPOINT_DIR = "checkpoints"
+COMPLETE_MARKER = "COMPLETE"
+LATEST_POINTER = "latest_complete"
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:09d}"
+
+
+def step_of(tag: str) -> int:
+    return int(tag[len("step"):])
+
+
+def checkpoint_root(run_dir: Union[str, Path]) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` so that ``path`` holds either its old or its new content after any crash."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def complete_tags(run_dir: Union[str, Path]) -> list[str]:
+    """Tags holding a COMPLETE marker, oldest first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    tags = [p.name for p in root.iterdir() if p.is_dir() and p.name.startswith("step")
+            and (p / COMPLETE_MARKER).is_file()]
+    return sorted(tags, key=step_of)
+
+
+def latest_complete(run_dir: Union[str, Path]) -> Optional[str]:
+    """The newest complete checkpoint tag, or None."""
+    tags = complete_tags(run_dir)
+    return tags[-1] if tags else None
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine: Any, run_dir: Union[str, Path], step: int, client_state: dict,
+                    rank: int, keep_last: int) -> str:
+    """Save on EVERY rank (DeepSpeed's requirement), then mark complete and prune on rank 0.
+
+    Collective: all ranks must call it at the same step.
+    """
+    root = checkpoint_root(run_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    rng_path = root / tag / f"rng_rank{rank}.pt"
+    tmp = rng_path.with_name(rng_path.name + ".tmp")
+    torch.save(_rng_state(), tmp)
+    os.replace(tmp, rng_path)
+    comm.barrier()  # every rank's files are written before the marker
+    if rank == 0:
+        atomic_write_text(root / tag / COMPLETE_MARKER, json.dumps({"step": step}) + "\n")
+        atomic_write_text(root / LATEST_POINTER, tag + "\n")
+        prune(run_dir, keep_last)
+    comm.barrier()
+    return tag
+
+
+def prune(run_dir: Union[str, Path], keep_last: int) -> None:
+    """Delete all but the ``keep_last`` newest complete checkpoints, and incomplete ones older
+    than the newest complete one (left by a crash mid-save)."""
+    root = checkpoint_root(run_dir)
+    tags = complete_tags(run_dir)
+    if not tags:
+        return
+    newest = step_of(tags[-1])
+    keep = set(tags[-max(keep_last, 1):])
+    for path in root.iterdir():
+        if path.is_dir() and path.name.startswith("step") and path.name not in keep:
+            if (path / COMPLETE_MARKER).is_file() or step_of(path.name) < newest:
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(engine: Any, run_dir: Union[str, Path], rank: int) -> Optional[dict]:
+    """Resume from the newest complete checkpoint; returns its client state, or None if none.
+
+    Rank 0 picks the tag and every rank loads that one, so ranks cannot disagree even if a
+    save finished between their directory listings.
+    """
+    tag = comm.all_gather_objects(latest_complete(run_dir))[0]
+    if tag is None:
+        return None
+    root = checkpoint_root(run_dir)
+    load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+    rng_path = root / tag / f"rng_rank{rank}.pt"
+    if rng_path.is_file():
+        _set_rng_state(torch.load(rng_path, weights_only=True))
+    client_state = dict(client_state or {})
+    client_state["tag"] = tag
+    return client_state
+
+
+# ----------------------------------------------------------------------------------------
+# Export: fp32 backbone and projector weights from any ZeRO stage.
+# ----------------------------------------------------------------------------------------
+def consolidated_state_dict(run_dir: Union[str, Path], tag: Optional[str] = None) -> tuple[dict, str]:
+    """The full fp32 model state dict of a checkpoint, whatever the ZeRO stage (shards merged).
+
+    Uses DeepSpeed's own consolidation (``zero_to_fp32``: parameters merged from every rank's
+    partition, buffers from the module states) when the checkpoint holds ZeRO partitions or
+    fp32 master weights, else the module states saved at stage 0 fp32.
+    """
+    tag = tag or latest_complete(run_dir)
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_root(run_dir)}")
+    folder = checkpoint_root(run_dir) / tag
+    if not (folder / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(f"checkpoint {folder} is incomplete (no {COMPLETE_MARKER} marker)")
+    if any(folder.glob("*optim_states.pt")):  # ZeRO partitions / fp32 master weights on disk
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        try:  # params merged from every rank's partition, plus buffers
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_root(run_dir)), tag=tag)
+            return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, tag
+        except (ValueError, KeyError):
+            pass  # stage 0: the module states below are the weights
+    model_files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    if not model_files:
+        raise FileNotFoundError(f"no DeepSpeed model states in {folder}")
+    # DeepSpeed's own files pickle more than tensors (its config objects): weights_only=False,
+    # see the README's note on loading checkpoints from untrusted sources.
+    module_states = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in module_states["module"].items()}
+    return state, tag
+
+
+def export_run(run_dir: Union[str, Path], out_dir: Optional[Union[str, Path]] = None,
+               tag: Optional[str] = None) -> dict:
+    """Write ``backbone.pt`` (loads into the torchvision model with load_state_dict, only the
+    classification head missing), ``projector.pt`` and ``export.json`` into ``out_dir``
+    (default ``RUN_DIR/export``). Returns the export description."""
+    from .config import Config
+    from .models import backbone_state_dict_for_torchvision
+
+    run_dir = Path(run_dir)
+    cfg = Config.load(run_dir)
+    state, tag = consolidated_state_dict(run_dir, tag)
+    out = Path(out_dir) if out_dir is not None else run_dir / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    projector = {k[len("projector."):]: v for k, v in state.items() if k.startswith("projector.")}
+    if not backbone or not projector:
+        raise ValueError(f"checkpoint {tag} holds no backbone./projector. weights (keys: {list(state)[:5]}...)")
+    torch.save(backbone_state_dict_for_torchvision(backbone), out / "backbone.pt")
+    torch.save(projector, out / "projector.pt")
+    from .models import BACKBONES
+
+    name = cfg.model.backbone
+    how = (f"sfrik_scale.models.build_backbone({name!r})[0].load_state_dict(torch.load('backbone.pt'))"
+           if name in BACKBONES else
+           f"torchvision.models.get_model({name!r}, weights=None)"
+           ".load_state_dict(torch.load('backbone.pt'), strict=False)  # only the head is missing")
+    info = {"run_dir": str(run_dir), "tag": tag, "step": step_of(tag), "backbone": name,
+            "projector": cfg.model.projector, "files": {"backbone": "backbone.pt", "projector": "projector.pt"},
+            "load": how}
+    atomic_write_text(out / "export.json", json.dumps(info, indent=2) + "\n")
+    return info

@@ -1,0 +1,70 @@
+"""Entry point: ``sfrik-scale pretrain`` and ``python -m sfrik_scale.pretrain``.
+
+    sfrik-scale pretrain                                   # the built-in demo, whatever device exists
+    sfrik-scale pretrain --config imagenet_sfrik_r50 data.path=/data/imagenet/train
+    deepspeed --num_gpus 8 --module sfrik_scale.pretrain --config imagenet_sfrik_r50 ...
+    torchrun --nproc_per_node 8 -m sfrik_scale.pretrain --config ...
+    srun python -m sfrik_scale.pretrain --config ...      # SLURM variables are mapped
+
+Builds and validates the config before anything heavy starts, then hands it to the Trainer.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+
+def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("pretrain", help="self-supervised pretraining (DeepSpeed)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None,
+                        help="a built-in recipe name (see --list-recipes), a YAML file, or a run directory")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 loss.coeffs=[1,40,40]")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
+
+
+def main_pretrain(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
+    from .config import list_recipes, load_config
+
+    if args.list_recipes:
+        print("\n".join(list_recipes()))
+        return 0
+    overrides = list(args.overrides) + [e for e in extra if "=" in e and not e.startswith("-")]
+    unknown = [e for e in extra if e not in overrides]
+    if unknown:
+        raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
+    from .topology import resolve_launch_env
+
+    resolve_launch_env(os.environ, args.local_rank)
+    world_size = int(os.environ["WORLD_SIZE"])
+    cfg = load_config(args.config, overrides).validate(world_size)  # errors here, before any heavy start
+
+    from .topology import init_distributed
+    from .train import Trainer
+
+    topo = init_distributed(args.local_rank)
+    return Trainer(cfg, topo).run()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sfrik_scale.pretrain", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    args, extra = parser.parse_known_args(argv)
+    try:
+        return main_pretrain(args, extra)
+    except ValueError as err:  # bad config or input: one clear line, exit status 2
+        print(f"sfrik-scale pretrain: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""The DeepSpeed pretraining loop: build, train_step, train, checkpoint, close.
+
+Reads top to bottom. The engine owns backward and step (and the LR schedule, which it
+steps after each optimiser step); precision is read from the engine. Every host sync is
+marked with a comment: one small all-reduce per micro-step carries the loss, the
+non-finite flag and the stop request, so all ranks take every decision together.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import comm
+from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .config import Config
+from .ds_config import build_ds_config
+from .gram import NonFiniteInputError
+from .monitor import Monitor
+from .profiling.phases import NullProfiler, build_profiler
+from .topology import Topology
+
+#: exit status after a preemption checkpoint (EX_TEMPFAIL): launchers/slurm.sbatch requeues on it
+PREEMPTED_EXIT_CODE = 75
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became non-finite and ``train.on_nonfinite`` is "stop"."""
+
+
+@dataclass
+class TrainState:
+    """Where the run is; saved in every checkpoint's client state."""
+
+    epoch: int = 0
+    step: int = 0                 # optimiser steps done
+    samples_in_epoch: int = 0     # global samples consumed in the current epoch
+    skipped_steps: int = 0        # non-finite steps skipped by policy
+    history: list = field(default_factory=list)  # per-step mean loss (for resume checks)
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "samples_in_epoch": self.samples_in_epoch,
+                "skipped_steps": self.skipped_steps, "history": list(self.history)}
+
+
+class Trainer:
+    """SSL pretraining with a DeepSpeed engine. ``Trainer(cfg, topo).run()`` is the whole job."""
+
+    def __init__(self, cfg: Config, topo: Topology) -> None:
+        self.cfg = cfg
+        self.topo = topo
+        self.run_dir = Path(cfg.train.run_dir)
+        self.state = TrainState()
+        self._stop_requested = False
+        self.resumed_from: Optional[str] = None
+        self.profiler = NullProfiler()
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> "Trainer":
+        cfg, topo = self.cfg, self.topo
+        torch.manual_seed(cfg.train.seed)  # same initial parameters on every rank
+        self.micro_batch = cfg.train.micro_batch_size_for(topo.world_size)
+        self.grad_accum = cfg.train.gradient_accumulation_steps(topo.world_size)
+        if cfg.train.on_nonfinite == "skip" and self.grad_accum > 1:
+            raise ValueError("train.on_nonfinite=skip needs gradient accumulation 1 (set train.micro_batch_size "
+                             "to global_batch_size / world_size) or use on_nonfinite=stop")
+        self.build_data()
+        self.build_model()
+        self.build_engine()
+        self.monitor = Monitor(self.run_dir, topo.is_main, cfg.monitor.tensorboard, cfg.monitor.progress)
+        self.profiler = build_profiler(cfg, self.run_dir, topo.device, topo.is_main, self.monitor)
+        self.profiler.attach(self.engine.module)
+        if topo.is_main:
+            cfg.save(self.run_dir)
+            atomic_write_text(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
+        if cfg.train.resume:
+            self.resume()
+        return self
+
+    def build_data(self) -> None:
+        from .data import build_loader, build_pretrain_dataset
+
+        d, t = self.cfg.data, self.cfg.train
+        if d.loader == "dali":
+            raise ValueError("data.loader: the DALI pipeline is not available yet; use torchvision (or auto)")
+        if d.dataset == "synthetic":
+            extra = dict(num_samples=d.synthetic_size, num_classes=d.num_classes)
+        elif d.dataset == "image_folder":
+            extra = dict(root=d.path, first_k_per_class=d.images_per_class, strict=not d.skip_bad_files)
+        else:
+            extra = dict(list_file=d.path, first_k_per_class=d.images_per_class, strict=not d.skip_bad_files)
+        self.dataset = build_pretrain_dataset(d.dataset, augmentations=d.augmentations, image_size=d.image_size,
+                                              seed=t.seed, **extra)
+        self.loader = build_loader(self.dataset, micro_batch_size=self.micro_batch,
+                                   global_batch_size=t.global_batch_size, rank=self.topo.rank,
+                                   world_size=self.topo.world_size, seed=t.seed, num_workers=d.num_workers)
+        self.steps_per_epoch = self.loader.sharded_sampler.epoch_length // t.global_batch_size
+        self.total_steps = self.steps_per_epoch * t.epochs
+        if t.max_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_steps)
+
+    def build_model(self) -> None:
+        from .losses import build_loss, loss_parameters
+        from .models import batchnorm_in_fp32, build_model, convert_sync_batchnorm
+
+        m, lc = self.cfg.model, self.cfg.loss
+        model = build_model(m.backbone, m.projector)
+        # SyncBatchNorm is CUDA-only; it must be in place before deepspeed.initialize.
+        if m.sync_bn and self.topo.world_size > 1 and self.topo.device.type == "cuda":
+            model = convert_sync_batchnorm(model)
+        if self.cfg.deepspeed.precision != "fp32":
+            batchnorm_in_fp32(model)  # DeepSpeed casts BN weights to bf16/fp16; statistics stay fp32
+        self.model = model
+        kwargs = {k: getattr(lc, k) for k in loss_parameters(lc.name) if hasattr(lc, k)}
+        self.loss_fn = build_loss(lc.name, q=model.q, **kwargs)
+
+    def build_engine(self) -> None:
+        import deepspeed
+
+        from .optim import attach_zero_layout, build_optimizer, build_scheduler
+
+        cfg = self.cfg
+        o = cfg.optim
+        opt_kwargs: dict[str, Any] = {"weight_decay": o.weight_decay}
+        if o.name == "lars":
+            opt_kwargs.update(momentum=o.momentum, eta=o.eta)
+        else:
+            opt_kwargs.update(betas=tuple(o.betas))
+        optimizer = build_optimizer(o.name, self.model, lr=cfg.peak_lr, **opt_kwargs)
+        scheduler = build_scheduler(optimizer, o.base_lr, cfg.train.global_batch_size, self.steps_per_epoch,
+                                    cfg.train.epochs, warmup_epochs=o.warmup_epochs, final_ratio=o.final_lr_ratio)
+        self.ds_config = build_ds_config(cfg, self.topo.world_size)
+        # config= only (never also --deepspeed_config: DeepSpeed asserts)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.zero_layout = attach_zero_layout(optimizer, self.engine)
+        if self.engine.bfloat16_enabled():
+            self.input_dtype = torch.bfloat16
+        elif self.engine.fp16_enabled():
+            self.input_dtype = torch.float16
+        else:
+            self.input_dtype = torch.float32
+
+    def resume(self) -> None:
+        client = load_checkpoint(self.engine, self.run_dir, self.topo.rank)
+        if client is None:
+            return
+        saved = client.get("train_state", {})
+        self.state = TrainState(**{k: saved[k] for k in TrainState().to_dict() if k in saved})
+        self.resumed_from = client["tag"]
+
+    # ------------------------------------------------------------------ one micro-step
+    def train_step(self, view1: torch.Tensor, view2: torch.Tensor) -> dict:
+        """Forward both views, the loss in fp32, and (unless a rank saw a non-finite loss)
+        backward and step. Returns the detached loss outputs and the agreed flags."""
+        dev = self.topo.device
+        view1 = view1.to(dev, self.input_dtype, non_blocking=True)
+        view2 = view2.to(dev, self.input_dtype, non_blocking=True)
+        z1, z2 = self.engine(view1), self.engine(view2)  # forward phases: the profiler's module hooks
+        try:
+            with self.profiler.phase("loss"):
+                out = self.loss_fn(z1.float(), z2.float())  # the Gram and polynomials stay in fp32
+            loss = out["loss"]
+            nonfinite = ~torch.isfinite(loss.detach())
+        except NonFiniteInputError:  # raised on every rank alike
+            out, loss, nonfinite = None, None, torch.ones((), dtype=torch.bool, device=dev)
+        status = torch.stack([loss.detach().double() if loss is not None and not bool(nonfinite) else
+                              torch.zeros((), dtype=torch.float64, device=dev),
+                              nonfinite.double(),
+                              torch.tensor(float(self._stop_requested), dtype=torch.float64, device=dev)])
+        comm.all_reduce_(status)
+        status = status.tolist()  # host sync: once per micro-step, for the agreed decisions below
+        result = {"loss": status[0] / self.topo.world_size, "nonfinite": status[1] > 0,
+                  "stop": status[2] > 0, "out": out, "z1": z1}
+        if result["nonfinite"]:
+            return result
+        with self.profiler.phase("backward"):
+            self.engine.backward(loss)
+        with self.profiler.phase("optimizer_step"):
+            self.engine.step()
+        return result
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> int:
+        """Run until the epochs (or train.max_steps) are done; returns the process exit status."""
+        cfg, st = self.cfg, self.state
+        t = cfg.train
+        self.engine.train()
+        self.print_header()
+        if st.step >= self.total_steps:
+            self.monitor.print(f"nothing to do: {st.step} steps already done")
+            return 0
+        while st.epoch < t.epochs and st.step < self.total_steps:
+            exit_code = self.train_epoch()
+            if exit_code is not None:
+                return exit_code
+        if not self._checkpointed_at(st.step):
+            self.checkpoint()
+        self.monitor.print_summary_table()
+        return 0
+
+    def train_epoch(self) -> Optional[int]:
+        cfg, st, mon = self.cfg, self.state, self.monitor
+        t = cfg.train
+        self.loader.set_epoch(st.epoch)
+        if st.samples_in_epoch:
+            self.loader.set_position(st.epoch, st.samples_in_epoch)
+        done_steps = st.samples_in_epoch // t.global_batch_size
+        epoch_steps = min(self.steps_per_epoch, self.total_steps - st.step + done_steps)
+        mon.start_epoch(st.epoch, t.epochs, epoch_steps, completed=done_steps)
+        sums: dict[str, float] = {}
+        count, skipped, images, start = 0, 0, 0, time.perf_counter()
+        step_start, data_wait, micro = time.perf_counter(), 0.0, 0
+        batches = iter(self.loader)
+        while st.step < self.total_steps:
+            wait_start = time.perf_counter()
+            with self.profiler.phase("data"):
+                batch = next(batches, None)
+            data_wait += time.perf_counter() - wait_start
+            if batch is None:
+                break
+            view1, view2, _ = batch
+            result = self.train_step(view1, view2)
+            micro += 1
+            if result["nonfinite"]:
+                if t.on_nonfinite == "stop":
+                    self.write_nonfinite_diagnostic(result)
+                    raise NonFiniteLossError(f"non-finite loss at step {st.step} (epoch {st.epoch}); "
+                                             f"diagnostic in {self.run_dir / 'nonfinite.json'}")
+                st.skipped_steps += 1
+                skipped += 1
+            else:
+                self._accumulate(sums, result)
+                count += 1
+            if micro % self.grad_accum:
+                continue
+            # ---- an optimiser step is complete
+            st.step += 1
+            st.samples_in_epoch += t.global_batch_size
+            images += t.global_batch_size
+            if not result["nonfinite"]:
+                st.history.append(result["loss"])
+            step_time = time.perf_counter() - step_start
+            mon.advance(result["loss"] if not result["nonfinite"] else None, t.global_batch_size / step_time)
+            if st.step % t.log_every_steps == 0:
+                self.log_step(result, step_time, data_wait)
+            self.profiler.end_step(st.step)
+            step_start, data_wait = time.perf_counter(), 0.0
+            if result["stop"]:  # SIGTERM/SIGUSR1 on some rank: checkpoint and exit for requeue
+                self.checkpoint()
+                mon.end_epoch(self._epoch_record(sums, count, skipped, images, start, partial=True))
+                mon.print(f"[yellow]preempted: checkpoint at step {st.step}; exiting with "
+                          f"{PREEMPTED_EXIT_CODE} for requeue")
+                return PREEMPTED_EXIT_CODE
+            if t.checkpoint_every_steps and st.step % t.checkpoint_every_steps == 0:
+                self.checkpoint()
+        finished = st.samples_in_epoch >= self.steps_per_epoch * t.global_batch_size
+        mon.end_epoch(self._epoch_record(sums, count, skipped, images, start, partial=not finished))
+        if finished:
+            st.epoch += 1
+            st.samples_in_epoch = 0
+        return None
+
+    # ------------------------------------------------------------------ logging
+    @staticmethod
+    def _accumulate(sums: dict, result: dict) -> None:
+        sums["loss"] = sums.get("loss", 0.0) + result["loss"]
+        for k, v in result["out"].items():
+            if k != "loss":
+                sums[k] = sums.get(k, 0.0) + float(v)  # components are detached 0-dim tensors
+
+    def _epoch_record(self, sums: dict, count: int, skipped: int, images: int, start: float,
+                      partial: bool) -> dict:
+        elapsed = time.perf_counter() - start
+        record = {"epoch": self.state.epoch, "steps": self.state.step, "partial": partial,
+                  "time_s": elapsed, "images_per_s": images / elapsed if elapsed > 0 else None,
+                  "skipped_steps": skipped, "bad_files": len(self.loader.bad_files)}
+        record.update({k: v / count for k, v in sums.items()} if count else {})
+        record["regulariser"] = record.get("mmd2", record.get("uniformity", record.get("covariance")))
+        return record
+
+    def log_step(self, result: dict, step_time: float, data_wait: float) -> None:
+        st, eng = self.state, self.engine
+        values: dict[str, Optional[float]] = {"loss": result["loss"] if not result["nonfinite"] else None}
+        if result["out"] is not None:
+            names = [k for k in result["out"] if k != "loss"]
+            comps = torch.stack([torch.as_tensor(result["out"][k], dtype=torch.float64) for k in names])
+            comm.all_reduce_(comps.to(self.topo.device))  # detached metrics: plain collective
+            values.update({k: float(v) / self.topo.world_size for k, v in zip(names, comps.tolist())})
+            values.update(embedding_health(result["z1"].detach()))
+        grad_norm = eng.get_global_grad_norm()
+        values.update({
+            "lr": eng.get_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "images_per_s": self.cfg.train.global_batch_size / step_time,
+            "step_time_s": step_time,
+            "data_wait_s": data_wait,
+            "skipped_nonfinite_steps": st.skipped_steps,
+            "overflow_skipped_steps": getattr(eng, "skipped_steps", 0),
+            "bad_files": len(self.loader.bad_files),
+            "peak_memory_mib": peak_memory_mib(self.topo.device),
+        })
+        if eng.fp16_enabled():
+            values["loss_scale"] = float(getattr(eng.optimizer, "cur_scale", float("nan")))
+        self.monitor.scalars(st.step, values)
+
+    def write_nonfinite_diagnostic(self, result: dict) -> None:
+        if not self.topo.is_main:
+            return
+        info = {"step": self.state.step, "epoch": self.state.epoch, "loss": result["loss"],
+                "components": {k: float(v) for k, v in (result["out"] or {}).items()}}
+        atomic_write_text(self.run_dir / "nonfinite.json", json.dumps(info, indent=2, default=str) + "\n")
+
+    def print_header(self) -> None:
+        cfg, topo = self.cfg, self.topo
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.monitor.print_header([
+            ("run dir", str(self.run_dir)),
+            ("processes", f"{topo.world_size} ({topo.launcher}), device {topo.device}"),
+            ("model", f"{cfg.model.backbone} + projector {cfg.model.projector} ({n_params / 1e6:.2f} M params)"),
+            ("loss", f"{cfg.loss.name} (q = {self.model.q})"),
+            ("batch", f"global {cfg.train.global_batch_size} = micro {self.micro_batch} x accum "
+                      f"{self.grad_accum} x {topo.world_size} ranks"),
+            ("schedule", f"{cfg.train.epochs} epochs x {self.steps_per_epoch} steps, peak lr {cfg.peak_lr:.4g} "
+                         f"({cfg.optim.name})"),
+            ("deepspeed", f"ZeRO {cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}, "
+                          f"optimizer layout {self.zero_layout}"),
+            ("data", f"{cfg.data.dataset}: {len(self.dataset)} images, {cfg.data.augmentations} views"),
+            ("resumed", f"from {self.resumed_from} (step {self.state.step})" if self.resumed_from else "no"),
+        ])
+
+    # ------------------------------------------------------------------ checkpoints and signals
+    def checkpoint(self) -> str:
+        client = {"train_state": self.state.to_dict(), "config": self.cfg.to_dict(),
+                  "sampler": self.loader.sharded_sampler.state_dict(self.state.samples_in_epoch)}
+        tag = save_checkpoint(self.engine, self.run_dir, self.state.step, client, self.topo.rank,
+                              self.cfg.train.keep_last)
+        self._last_checkpoint_step = self.state.step
+        return tag
+
+    def _checkpointed_at(self, step: int) -> bool:
+        return getattr(self, "_last_checkpoint_step", None) == step
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGUSR1 (SLURM preemption) -> checkpoint at the next step boundary, then exit."""
+        def request_stop(signum, frame):  # noqa: ARG001
+            self._stop_requested = True
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, request_stop)
+
+    def close(self) -> None:
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.write_summary(final_step=self.state.step, skipped_steps=self.state.skipped_steps,
+                                  loss_history=self.state.history,
+                                  bad_files=self.loader.bad_files.as_dict() if hasattr(self, "loader") else {})
+            monitor.close()
+        self.profiler.close()
+
+    def run(self) -> int:
+        self.install_signal_handlers()
+        self.build()
+        try:
+            return self.train()
+        finally:
+            self.close()
+
+
+# ---------------------------------------------------------------------------- metrics helpers
+@torch.no_grad()
+def embedding_health(z: torch.Tensor) -> dict[str, float]:
+    """Collapse indicators on the local batch: mean per-dimension std of the normalised
+    embeddings (1/sqrt(q) when spread uniformly, 0 when collapsed) and the effective rank
+    (exp of the entropy of the Gram eigenvalues; from the n x n Gram, cheap at any q)."""
+    zn = F.normalize(z.float(), dim=1)
+    n, q = zn.shape
+    eig = torch.linalg.eigvalsh((zn @ zn.T).double() / n).clamp(min=0)
+    p = eig / eig.sum().clamp(min=1e-12)
+    entropy = -(p * torch.log(p.clamp(min=1e-30))).sum()
+    return {"embedding_std": float(zn.std(dim=0).mean()), "embedding_std_uniform": 1.0 / math.sqrt(q),
+            "effective_rank": float(torch.exp(entropy))}
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """CUDA: the caching allocator's peak; CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
