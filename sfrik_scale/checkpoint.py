@@ -196,6 +196,8 @@ def export_run(run_dir: Union[str, Path], out_dir: Optional[Union[str, Path]] = 
     from .models import backbone_state_dict_for_torchvision
 
     run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir} is not a pretraining run directory (no config.yaml)")
     cfg = Config.load(run_dir)
     state, tag = consolidated_state_dict(run_dir, tag)
     out = Path(out_dir) if out_dir is not None else run_dir / "export"
@@ -218,3 +220,17 @@ def export_run(run_dir: Union[str, Path], out_dir: Optional[Union[str, Path]] = 
             "load": how}
     atomic_write_text(out / "export.json", json.dumps(info, indent=2) + "\n")
     return info
+
+
+def add_commands(subparsers) -> None:
+    """``sfrik-scale export RUN_DIR``."""
+    export = subparsers.add_parser("export", help="fp32 backbone and projector weights of a run (any ZeRO stage)")
+    export.add_argument("run_dir", help="the pretraining run directory")
+    export.add_argument("--tag", default=None, help="checkpoint tag (default: the latest complete one)")
+    export.add_argument("--out", default=None, help="output folder (default: RUN_DIR/export)")
+
+    def handler(args, extra) -> int:
+        print(json.dumps(export_run(args.run_dir, args.out, args.tag), indent=2))
+        return 0
+
+    export.set_defaults(handler=handler)

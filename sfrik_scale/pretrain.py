@@ -16,11 +16,11 @@ import sys
 from typing import Optional, Sequence
 
 
-def add_pretrain_parser(subparsers) -> argparse.ArgumentParser:
+def add_commands(subparsers) -> None:
     parser = subparsers.add_parser("pretrain", help="self-supervised pretraining (DeepSpeed)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
-    return parser
+    parser.set_defaults(handler=main_pretrain)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,6 +1,4 @@
-"""``sfrik-scale bench ...``: speed and memory tables (benchmarks print; tests assert correctness).
-
-bench loss: forward+backward time and peak extra memory of the chunked kernel mean (L = 3)
+"""``sfrik-scale bench loss``: forward+backward time and peak extra memory of the chunked kernel mean (L = 3)
 next to (a) the floor, the two matrix products it cannot avoid (Z Z^T and Phi' Z), (b) the
 naive route (differentiable all-gather + dense N x N Gram), (c) VICReg's q x q covariance
 loss; then per-rank peak memory of the ring on 1, 2 and 4 gloo ranks at a very wide q.
@@ -15,9 +13,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .gram import dense_kernel_mean, kernel_mean
-from .kernels import TruncatedLegendre
-from .profiling.tracker import track_peak
+from ..gram import dense_kernel_mean, kernel_mean
+from ..kernels import TruncatedLegendre
+from ..profiling.tracker import track_peak
 
 LEGENDRE_L3 = (1.0, 40.0, 40.0)
 
@@ -50,7 +48,7 @@ def _peak(fn: Callable[[], None], live: Sequence[torch.Tensor]) -> int:
 def loss_cases(n: int, q: int, seed: int = 0) -> tuple[dict[str, Callable[[], None]], list[torch.Tensor]]:
     """Closures running forward+backward of each compared method on one (n, q) batch, and the
     input tensors they share (alive before the measurement, so not counted as extra memory)."""
-    from .losses import SFRIKLoss, VICRegLoss
+    from ..losses import SFRIKLoss, VICRegLoss
 
     g = torch.Generator().manual_seed(seed)
     raw1 = torch.randn(n, q, generator=g).requires_grad_(True)
@@ -111,7 +109,7 @@ def _ring_memory_worker(rank: int, world: int, n: int, q: int) -> dict:
 
 
 def bench_loss_distributed(n: int, q: int, worlds: Sequence[int]) -> list[dict]:
-    from .spawn import run_ranks
+    from ..spawn import run_ranks
 
     rows = []
     for world in worlds:
@@ -178,9 +176,7 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def add_bench_parser(subparsers) -> None:
-    bench = subparsers.add_parser("bench", help="speed and memory benchmarks (print tables)")
-    sub = bench.add_subparsers(dest="bench", required=True)
+def add_parser(sub):
     loss = sub.add_parser("loss", help="kernel mean vs floor, dense Gram and VICReg; ring memory")
     loss.add_argument("--sizes", default="256x2048,1024x8192", help="NxQ pairs, comma-separated")
     loss.add_argument("--repeats", type=int, default=3)
@@ -188,12 +184,11 @@ def add_bench_parser(subparsers) -> None:
     loss.add_argument("--dist-q", type=int, default=262144)
     loss.add_argument("--worlds", default="1,2,4", help="rank counts for the ring table ('' to skip)")
     loss.add_argument("--skip", default="", help="comma-separated method substrings to skip (e.g. VICReg)")
+    return loss
 
 
-def main_bench(args) -> int:
-    if args.bench == "loss":
-        worlds = [int(w) for w in args.worlds.split(",") if w.strip()]
-        skip = [s for s in args.skip.split(",") if s]
-        run_loss_bench(parse_sizes(args.sizes), args.repeats, args.dist_n, args.dist_q, worlds, skip)
-        return 0
-    raise ValueError(f"unknown benchmark {args.bench!r}")
+def main(args) -> int:
+    worlds = [int(w) for w in args.worlds.split(",") if w.strip()]
+    skip = [s for s in args.skip.split(",") if s]
+    run_loss_bench(parse_sizes(args.sizes), args.repeats, args.dist_n, args.dist_q, worlds, skip)
+    return 0
