@@ -95,25 +95,79 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, unwritable directory...); raised on every
+    rank. The previous complete checkpoint is untouched."""
+
+
+def _estimate_bytes(run_dir: Union[str, Path], engine: Any) -> int:
+    """Bytes the next checkpoint will take: the last complete one's size, else 16 bytes per
+    parameter (fp32 weights + fp32 master copy + two optimizer moments, an upper bound)."""
+    last = latest_complete(run_dir)
+    if last is not None:
+        return sum(f.stat().st_size for f in (checkpoint_root(run_dir) / last).rglob("*") if f.is_file())
+    return 16 * sum(p.numel() for p in engine.module.parameters()) + (1 << 20)
+
+
 def save_checkpoint(engine: Any, run_dir: Union[str, Path], step: int, client_state: dict,
                     rank: int, keep_last: int) -> str:
     """Save on EVERY rank (DeepSpeed's requirement), then mark complete and prune on rank 0.
 
-    Collective: all ranks must call it at the same step.
+    Collective: all ranks must call it at the same step. A pre-flight check on every rank
+    (the folder is writable, the file system has room for one more checkpoint) turns the
+    common storage faults into a CheckpointWriteError on all ranks before DeepSpeed writes
+    anything; a failure while writing is agreed the same way. In both cases no marker is
+    written, so the previous complete checkpoint stays the one resumed from.
     """
     root = checkpoint_root(run_dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
-    rng_path = root / tag / f"rng_rank{rank}.pt"
-    tmp = rng_path.with_name(rng_path.name + ".tmp")
-    torch.save(_rng_state(), tmp)
-    os.replace(tmp, rng_path)
-    comm.barrier()  # every rank's files are written before the marker
+    folder = root / tag
+    previous = latest_complete(run_dir)
+    intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+
+    def agree(problem: Optional[str], what: str) -> None:
+        try:
+            comm.agree_across_ranks(problem, what=what)
+        except ValueError as err:
+            if rank == 0:
+                shutil.rmtree(folder, ignore_errors=True)  # partial files, never marked complete
+            raise CheckpointWriteError(f"checkpoint at step {step} was not written: {err}; {intact}") from None
+
+    problem = None
+    try:  # pre-flight: writable, and room for one more checkpoint
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe_rank{rank}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        need, free = _estimate_bytes(run_dir, engine), shutil.disk_usage(folder).free
+        if rank == 0 and free < need:
+            problem = f"only {free / 2**30:.2f} GiB free in {root}, the checkpoint needs about {need / 2**30:.2f} GiB"
+    except OSError as err:
+        problem = f"cannot write to {folder}: {err}"
+    agree(problem, "checkpoint pre-flight")
+
+    problem = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+        rng_path = folder / f"rng_rank{rank}.pt"
+        tmp = rng_path.with_name(rng_path.name + ".tmp")
+        torch.save(_rng_state(), tmp)
+        os.replace(tmp, rng_path)
+    except OSError as err:
+        problem = f"writing {folder} failed: {err}"
+    agree(problem, "checkpoint write")  # every rank's files are written before the marker
+
+    problem = None
     if rank == 0:
-        atomic_write_text(root / tag / COMPLETE_MARKER, json.dumps({"step": step}) + "\n")
-        atomic_write_text(root / LATEST_POINTER, tag + "\n")
-        prune(run_dir, keep_last)
-    comm.barrier()
+        try:
+            atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"step": step}) + "\n")
+            atomic_write_text(root / LATEST_POINTER, tag + "\n")
+        except OSError as err:
+            (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+            problem = f"marking {folder} complete failed: {err}"
+        else:
+            prune(run_dir, keep_last)
+    agree(problem, "checkpoint marker")
     return tag
 
 

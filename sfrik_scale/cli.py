@@ -44,6 +44,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"sfrik-scale {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except RuntimeError as err:  # our own run failures (a peer died, disk full...) carry their story
+        if not type(err).__module__.startswith("sfrik_scale"):
+            raise
+        print(f"sfrik-scale {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

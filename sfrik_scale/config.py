@@ -189,7 +189,14 @@ class TrainConfig:
     log_every_steps: int = _f(10, help="Optimiser steps between scalar logs (each log is a host sync).")
     max_steps: Optional[int] = _f(None, help="Stop after this many optimiser steps (smoke runs). None: epochs decide.")
     on_nonfinite: Literal["skip", "stop"] = _f("skip", help=(
-        "A non-finite loss: skip the optimiser step (counted and logged) or stop with an error."))
+        "A non-finite loss: skip the optimiser step (counted, logged, and described in nonfinite.jsonl) or stop "
+        "with a diagnostic (nonfinite.json: which term, which rank, embedding statistics, step). Non-finite "
+        "parameters always stop the run, and are never written over a checkpoint."))
+    peer_timeout_s: float = _f(300.0, help=(
+        "A rank whose heartbeat is older than this is taken as dead: the others name it and exit instead of "
+        "waiting in a collective (a rank that raises is named within seconds)."))
+    collective_timeout_s: float = _f(1800.0, help=(
+        "Timeout of every collective of the process group (the backend's own bound on a hang)."))
 
     def micro_batch_size_for(self, world_size: int) -> int:
         """Per-rank micro-batch for ``world_size`` processes (call :meth:`Config.validate` first)."""
@@ -235,7 +242,23 @@ class MonitorConfig:
 class ProfilingConfig:
     """Optional profiling (``sfrik_scale.profiling``)."""
 
-    enabled: bool = _f(False, help="Record per-step time and peak-memory breakdowns into run_dir.")
+    enabled: bool = _f(False, help=(
+        "Record peak memory per phase of each step (data, backbone_forward, projector_forward, loss, "
+        "backward, optimizer_step) and per module into run_dir/memory/ (JSON, CSV) and TensorBoard "
+        "(memory/*). CUDA: the caching allocator's counters; CPU: exact tensor-byte accounting."))
+    module_depth: int = _f(2, help=(
+        "Per-module peaks for modules up to this depth in the model (1: backbone, projector; "
+        "2: backbone.layer1, projector.0, ...); 0: only the backbone and projector forward phases."))
+    memory_snapshot: bool = _f(False, help=(
+        "CUDA only: record the allocator history (torch.cuda.memory._record_memory_history) and dump "
+        "run_dir/memory/rank<r>_snapshot.pickle at the end, for https://pytorch.org/memory_viz."))
+    snapshot_max_entries: int = _f(100000, help="Allocator events kept by memory_snapshot (a ring buffer).")
+
+    def __post_init__(self) -> None:
+        for name, low in (("module_depth", 0), ("snapshot_max_entries", 1)):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < low:
+                raise ConfigError(f"profiling.{name}", f"must be >= {low}, got {value}")
 
 
 @dataclass
@@ -566,6 +589,9 @@ def _check_values(cfg: Config) -> None:
                       ("keep_last", 1), ("log_every_steps", 1)):
         _require(getattr(t, name) >= low, f"train.{name}", f"must be >= {low}, got {getattr(t, name)}")
     _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+    for name in ("peer_timeout_s", "collective_timeout_s"):
+        value = getattr(t, name)
+        _require(math.isfinite(value) and value > 0, f"train.{name}", f"must be a number of seconds > 0, got {value}")
     _require(bool(t.run_dir.strip()), "train.run_dir", "must not be empty")
     if t.micro_batch_size is not None:
         _require(t.micro_batch_size >= 1, "train.micro_batch_size", f"must be >= 1, got {t.micro_batch_size}")

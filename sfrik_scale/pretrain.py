@@ -50,7 +50,7 @@ def main_pretrain(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from .topology import init_distributed
     from .train import Trainer
 
-    topo = init_distributed(args.local_rank)
+    topo = init_distributed(args.local_rank, timeout_s=cfg.train.collective_timeout_s)
     return Trainer(cfg, topo).run()
 
 
@@ -59,11 +59,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
     args, extra = parser.parse_known_args(argv)
+    from .checkpoint import CheckpointWriteError
+    from .train import NonFiniteLossError, NonFiniteStateError, RankFailureError
+
     try:
         return main_pretrain(args, extra)
-    except ValueError as err:  # bad config or input: one clear line, exit status 2
+    except (ValueError, FileNotFoundError) as err:  # bad config or input: one clear line, exit status 2
         print(f"sfrik-scale pretrain: error: {err}", file=sys.stderr)
         return 2
+    except (RankFailureError, CheckpointWriteError, NonFiniteLossError, NonFiniteStateError) as err:
+        print(f"sfrik-scale pretrain: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from .config import Config
 from .ds_config import build_ds_config
 from .gram import NonFiniteInputError
+from .health import RankHealth
 from .monitor import Monitor
 from .profiling.phases import NullProfiler, build_profiler
 from .topology import Topology
@@ -34,6 +35,14 @@ PREEMPTED_EXIT_CODE = 75
 
 class NonFiniteLossError(RuntimeError):
     """The loss became non-finite and ``train.on_nonfinite`` is "stop"."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """The parameters became non-finite; nothing was checkpointed over the last good state."""
+
+
+class RankFailureError(RuntimeError):
+    """This rank stopped because of an error, possibly caused by a failed peer (named)."""
 
 
 @dataclass
@@ -179,7 +188,8 @@ class Trainer:
         comm.all_reduce_(status)
         status = status.tolist()  # host sync: once per micro-step, for the agreed decisions below
         result = {"loss": status[0] / self.topo.world_size, "nonfinite": status[1] > 0,
-                  "stop": status[2] > 0, "out": out, "z1": z1}
+                  "stop": status[2] > 0, "out": out, "z1": z1, "z2": z2,
+                  "local_loss": float(loss.detach()) if loss is not None else float("nan")}
         if result["nonfinite"]:
             return result
         with self.profiler.phase("backward"):
@@ -230,11 +240,13 @@ class Trainer:
             view1, view2, _ = batch
             result = self.train_step(view1, view2)
             micro += 1
-            if result["nonfinite"]:
+            if result["nonfinite"]:  # every rank is here together: the flag was all-reduced
+                report = self.nonfinite_report(result)
                 if t.on_nonfinite == "stop":
-                    self.write_nonfinite_diagnostic(result)
-                    raise NonFiniteLossError(f"non-finite loss at step {st.step} (epoch {st.epoch}); "
-                                             f"diagnostic in {self.run_dir / 'nonfinite.json'}")
+                    self.write_diagnostic("nonfinite.json", report)
+                    raise NonFiniteLossError(f"non-finite loss at step {st.step} (epoch {st.epoch}) on rank(s) "
+                                             f"{report['ranks']}; diagnostic in {self.run_dir / 'nonfinite.json'}")
+                self.write_diagnostic("nonfinite.jsonl", report, append=True)
                 st.skipped_steps += 1
                 skipped += 1
             else:
@@ -244,6 +256,7 @@ class Trainer:
                 continue
             # ---- an optimiser step is complete
             st.step += 1
+            self.health.set_step(st.step)
             st.samples_in_epoch += t.global_batch_size
             images += t.global_batch_size
             if not result["nonfinite"]:
@@ -312,12 +325,48 @@ class Trainer:
             values["loss_scale"] = float(getattr(eng.optimizer, "cur_scale", float("nan")))
         self.monitor.scalars(st.step, values)
 
-    def write_nonfinite_diagnostic(self, result: dict) -> None:
+    def nonfinite_report(self, result: dict) -> dict:
+        """Which rank, which loss term, what the embeddings looked like (collective)."""
+        def stats(z: torch.Tensor) -> dict:
+            z = z.detach().float()
+            finite = torch.isfinite(z)
+            norms = torch.where(finite, z, torch.zeros_like(z)).norm(dim=1)
+            return {"nonfinite_values": int((~finite).sum()), "rows_with_nonfinite": int((~finite).any(1).sum()),
+                    "row_norm_mean": float(norms.mean()), "row_norm_max": float(norms.max()),
+                    "per_dim_std_mean": float(torch.nan_to_num(z).std(0).mean())}
+
+        local = {"rank": self.topo.rank, "loss": result["local_loss"],
+                 "nonfinite_terms": sorted(k for k, v in (result["out"] or {}).items()
+                                           if not math.isfinite(float(v))) if result["out"] is not None
+                 else ["(input embeddings)"],
+                 "z1": stats(result["z1"]), "z2": stats(result["z2"])}
+        per_rank = comm.all_gather_objects(local)
+        bad = [r["rank"] for r in per_rank if not math.isfinite(r["loss"]) or r["nonfinite_terms"]]
+        return {"step": self.state.step, "epoch": self.state.epoch, "policy": self.cfg.train.on_nonfinite,
+                "ranks": bad or [r["rank"] for r in per_rank], "per_rank": per_rank}
+
+    def write_diagnostic(self, name: str, info: dict, append: bool = False) -> None:
         if not self.topo.is_main:
             return
-        info = {"step": self.state.step, "epoch": self.state.epoch, "loss": result["loss"],
-                "components": {k: float(v) for k, v in (result["out"] or {}).items()}}
-        atomic_write_text(self.run_dir / "nonfinite.json", json.dumps(info, indent=2, default=str) + "\n")
+        path = self.run_dir / name
+        if append:
+            with open(path, "a") as f:
+                f.write(json.dumps(info, default=str) + "\n")
+        else:
+            atomic_write_text(path, json.dumps(info, indent=2, default=str) + "\n")
+
+    def params_finite(self) -> bool:
+        """All ranks agree whether every parameter is finite (ZeRO-3: each rank's partition)."""
+        ok = True
+        with torch.no_grad():
+            for p in self.engine.module.parameters():
+                data = getattr(p, "ds_tensor", p.data)
+                if data.numel() and not bool(torch.isfinite(data.sum(dtype=torch.float64))):
+                    ok = False
+                    break
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.topo.device)
+        comm.all_reduce_(flag)
+        return float(flag) == 0.0  # host sync: before checkpoints only
 
     def print_header(self) -> None:
         cfg, topo = self.cfg, self.topo
@@ -339,6 +388,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints and signals
     def checkpoint(self) -> str:
+        if not self.params_finite():  # never write a non-finite state over a good checkpoint
+            self.write_diagnostic("nonfinite.json", {"step": self.state.step, "epoch": self.state.epoch,
+                                                     "what": "non-finite parameters before a checkpoint"})
+            raise NonFiniteStateError(f"parameters are non-finite at step {self.state.step}; no checkpoint was "
+                                      f"written, the last complete one in {self.run_dir / 'checkpoints'} is intact")
         client = {"train_state": self.state.to_dict(), "config": self.cfg.to_dict(),
                   "sampler": self.loader.sharded_sampler.state_dict(self.state.samples_in_epoch)}
         tag = save_checkpoint(self.engine, self.run_dir, self.state.step, client, self.topo.rank,
@@ -367,11 +421,26 @@ class Trainer:
         self.profiler.close()
 
     def run(self) -> int:
+        """The whole job. A failure on any rank is recorded for its peers (health.py), and an
+        error here names a peer that failed first."""
         self.install_signal_handlers()
-        self.build()
+        self.health = RankHealth(self.run_dir, self.topo.rank, self.topo.world_size,
+                                 self.cfg.train.peer_timeout_s)
+        status = "failed"
         try:
-            return self.train()
+            self.build()
+            code = self.train()
+            status = "preempted" if code == PREEMPTED_EXIT_CODE else "finished"
+            return code
+        except BaseException as err:
+            text = f"{type(err).__name__}: {err}".strip()
+            peers = self.health.describe() if self.topo.world_size > 1 else ""
+            self.health.mark("failed", text[:2000])
+            if peers:
+                raise RankFailureError(f"rank {self.topo.rank} stopped ({text[:300]}); {peers}") from err
+            raise
         finally:
+            self.health.close(status)
             self.close()
 
 

@@ -1,0 +1,131 @@
+"""Rank health: heartbeats, failure records and a watchdog, so that no rank waits forever.
+
+Every rank keeps a small JSON record in ``RUN_DIR/.ranks/SESSION/rank{r}.json`` (pid, host,
+step, last heartbeat, status), refreshed by a daemon thread. The same thread watches the
+other ranks' records: when a peer has recorded a failure, or its heartbeat is older than
+``peer_timeout_s`` (a SIGKILL, a lost node), it prints which rank failed and why, and ends
+this process with ``os._exit(1)``: that works even while the main thread is blocked in a
+collective that would otherwise hang until the backend's timeout. A rank that raises
+records the error first, so its peers name it within one heartbeat interval.
+
+The run directory is on a file system all nodes share (checkpoints need that anyway).
+SESSION is agreed through the process group at start, so records of earlier attempts in
+the same run directory are never mistaken for live ones.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from . import comm
+
+HEALTH_DIR = ".ranks"
+FAILED_EXIT_CODE = 1
+
+
+class RankHealth:
+    """This rank's heartbeat and the watchdog over its peers.
+
+    Args:
+        run_dir: the run directory.
+        rank, world_size: this process's place.
+        peer_timeout_s: a peer whose heartbeat is older than this is taken as dead.
+        interval_s: heartbeat and check period.
+    """
+
+    def __init__(self, run_dir: Path, rank: int, world_size: int, peer_timeout_s: float,
+                 interval_s: Optional[float] = None) -> None:
+        self.rank, self.world_size = rank, world_size
+        self.peer_timeout_s = float(peer_timeout_s)
+        self.interval_s = interval_s or max(0.5, min(5.0, self.peer_timeout_s / 6))
+        session = comm.all_gather_objects(uuid.uuid4().hex[:12])[0]  # rank 0's id, agreed by all
+        root = Path(run_dir) / HEALTH_DIR
+        self.dir = root / session
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if rank == 0:  # records of earlier attempts
+            for old in root.iterdir():
+                if old.is_dir() and old != self.dir:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.record = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "step": 0,
+                       "status": "running", "time": time.time(), "error": None}
+        self._write()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sfrik-rank-health", daemon=True)
+        self._started = time.time()
+        if world_size > 1:
+            self._thread.start()
+
+    # -- own record -------------------------------------------------------------------
+    def _path(self, rank: int) -> Path:
+        return self.dir / f"rank{rank}.json"
+
+    def _write(self) -> None:
+        self.record["time"] = time.time()
+        path = self._path(self.rank)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.record))
+            os.replace(tmp, path)
+        except OSError:  # a full or read-only disk must not kill training; the checkpoint code reports it
+            pass
+
+    def set_step(self, step: int) -> None:
+        self.record["step"] = int(step)
+
+    def mark(self, status: str, error: Optional[str] = None) -> None:
+        """Record this rank's end: "finished", "preempted" or "failed" (with the error)."""
+        self.record["status"], self.record["error"] = status, error
+        self._write()
+
+    # -- peers ------------------------------------------------------------------------
+    def _read(self, rank: int) -> Optional[dict]:
+        try:
+            return json.loads(self._path(rank).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def failed_peers(self) -> list[tuple[int, str]]:
+        """(rank, reason) for each peer that recorded a failure or stopped beating."""
+        now, out = time.time(), []
+        for r in range(self.world_size):
+            if r == self.rank:
+                continue
+            rec = self._read(r)
+            if rec is None:
+                if now - self._started > self.peer_timeout_s:
+                    out.append((r, f"no heartbeat since this rank started {now - self._started:.0f} s ago"))
+                continue
+            where = f"pid {rec.get('pid')} on {rec.get('host')}, step {rec.get('step')}"
+            if rec.get("status") == "failed":
+                out.append((r, f"raised: {rec.get('error')} ({where})"))
+            elif rec.get("status") == "running" and now - rec.get("time", now) > self.peer_timeout_s:
+                out.append((r, f"no heartbeat for {now - rec['time']:.0f} s, killed or hung? ({where})"))
+        return out
+
+    def describe(self) -> str:
+        """A sentence naming the failed peers, or '' when all look alive."""
+        bad = self.failed_peers()
+        return "; ".join(f"rank {r} failed: {why}" for r, why in bad)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._write()
+            bad = self.failed_peers()
+            if bad and self.record["status"] == "running":
+                text = "; ".join(f"rank {r} failed: {why}" for r, why in bad)
+                print(f"sfrik-scale: rank {self.rank}: stopping because {text}", file=sys.stderr, flush=True)
+                self.mark("aborted", text)
+                os._exit(FAILED_EXIT_CODE)  # the main thread may be stuck in a collective
+
+    def close(self, status: str = "finished") -> None:
+        self._stop.set()
+        if self.record["status"] == "running":
+            self.mark(status)
