@@ -17,10 +17,16 @@ COMMAND_MODULES = (
     "sfrik_scale.pretrain",      # pretrain
     "sfrik_scale.checkpoint",    # export
     "sfrik_scale.benchmarks",    # bench loss|...
+    "sfrik_scale.eval.cli",      # linear-eval, knn-eval, finetune, svm-eval, report
 )
 
 #: commands that take free-form dotted overrides after their options
 _PASS_THROUGH = {"pretrain"}
+
+
+def one_line(message: object) -> str:
+    """The message on one line: control characters a user typed (\\r, \\n, ...) are escaped."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in str(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,12 +48,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(args.handler(args, extra) or 0)
     except (ValueError, KeyError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"sfrik-scale {args.command}: error: {message}", file=sys.stderr)
+        print(f"sfrik-scale {args.command}: error: {one_line(message)}", file=sys.stderr)
         return 2
     except RuntimeError as err:  # our own run failures (a peer died, disk full...) carry their story
         if not type(err).__module__.startswith("sfrik_scale"):
             raise
-        print(f"sfrik-scale {args.command}: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"sfrik-scale {args.command}: {type(err).__name__}: {one_line(err)}", file=sys.stderr)
         return 1
 
 

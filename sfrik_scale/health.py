@@ -106,6 +106,9 @@ class RankHealth:
             where = f"pid {rec.get('pid')} on {rec.get('host')}, step {rec.get('step')}"
             if rec.get("status") == "failed":
                 out.append((r, f"raised: {rec.get('error')} ({where})"))
+            elif rec.get("status") == "running" and rec.get("host") == self.record["host"] \
+                    and not _pid_alive(rec.get("pid")):
+                out.append((r, f"process gone without a word, killed? ({where})"))
             elif rec.get("status") == "running" and now - rec.get("time", now) > self.peer_timeout_s:
                 out.append((r, f"no heartbeat for {now - rec['time']:.0f} s, killed or hung? ({where})"))
         return out
@@ -114,6 +117,17 @@ class RankHealth:
         """A sentence naming the failed peers, or '' when all look alive."""
         bad = self.failed_peers()
         return "; ".join(f"rank {r} failed: {why}" for r, why in bad)
+
+    def wait_for_culprit(self) -> str:
+        """After a collective failed: name the failed peer, waiting at most one peer timeout
+        for its record to say so (a raising rank records its error at once; a killed one
+        goes stale). Returns '' if every peer still looks alive."""
+        deadline = time.time() + self.peer_timeout_s + 2 * self.interval_s
+        while True:
+            text = self.describe()
+            if text or time.time() > deadline:
+                return text
+            time.sleep(min(self.interval_s, 1.0))
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -129,3 +143,11 @@ class RankHealth:
         self._stop.set()
         if self.record["status"] == "running":
             self.mark(status)
+
+
+def _pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, TypeError, ValueError):
+        return False
+    return True

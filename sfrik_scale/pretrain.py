@@ -60,15 +60,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _add_arguments(parser)
     args, extra = parser.parse_known_args(argv)
     from .checkpoint import CheckpointWriteError
+    from .cli import one_line
     from .train import NonFiniteLossError, NonFiniteStateError, RankFailureError
 
     try:
         return main_pretrain(args, extra)
     except (ValueError, FileNotFoundError) as err:  # bad config or input: one clear line, exit status 2
-        print(f"sfrik-scale pretrain: error: {err}", file=sys.stderr)
+        print(f"sfrik-scale pretrain: error: {one_line(err)}", file=sys.stderr)
         return 2
     except (RankFailureError, CheckpointWriteError, NonFiniteLossError, NonFiniteStateError) as err:
-        print(f"sfrik-scale pretrain: {type(err).__name__}: {err}", file=sys.stderr)
+        print(f"sfrik-scale pretrain: {type(err).__name__}: {one_line(err)}", file=sys.stderr)
         return 1
 
 

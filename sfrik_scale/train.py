@@ -244,7 +244,7 @@ class Trainer:
                 report = self.nonfinite_report(result)
                 if t.on_nonfinite == "stop":
                     self.write_diagnostic("nonfinite.json", report)
-                    raise NonFiniteLossError(f"non-finite loss at step {st.step} (epoch {st.epoch}) on rank(s) "
+                    raise NonFiniteLossError(f"non-finite loss at step {st.step + 1} (epoch {st.epoch}) on rank(s) "
                                              f"{report['ranks']}; diagnostic in {self.run_dir / 'nonfinite.json'}")
                 self.write_diagnostic("nonfinite.jsonl", report, append=True)
                 st.skipped_steps += 1
@@ -342,7 +342,7 @@ class Trainer:
                  "z1": stats(result["z1"]), "z2": stats(result["z2"])}
         per_rank = comm.all_gather_objects(local)
         bad = [r["rank"] for r in per_rank if not math.isfinite(r["loss"]) or r["nonfinite_terms"]]
-        return {"step": self.state.step, "epoch": self.state.epoch, "policy": self.cfg.train.on_nonfinite,
+        return {"step": self.state.step + 1, "epoch": self.state.epoch, "policy": self.cfg.train.on_nonfinite,
                 "ranks": bad or [r["rank"] for r in per_rank], "per_rank": per_rank}
 
     def write_diagnostic(self, name: str, info: dict, append: bool = False) -> None:
@@ -434,7 +434,10 @@ class Trainer:
             return code
         except BaseException as err:
             text = f"{type(err).__name__}: {err}".strip()
-            peers = self.health.describe() if self.topo.world_size > 1 else ""
+            if self.topo.world_size > 1 and _is_communication_error(err):
+                peers = self.health.wait_for_culprit()  # our collective broke: who left?
+            else:
+                peers = self.health.describe() if self.topo.world_size > 1 else ""
             self.health.mark("failed", text[:2000])
             if peers:
                 raise RankFailureError(f"rank {self.topo.rank} stopped ({text[:300]}); {peers}") from err
@@ -442,6 +445,18 @@ class Trainer:
         finally:
             self.health.close(status)
             self.close()
+
+
+def _is_communication_error(err: BaseException) -> bool:
+    """A collective or connection failure (gloo/NCCL), as opposed to an error of our own."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    dist_error = getattr(torch.distributed, "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        word in text for word in ("gloo", "nccl", "connection", "peer", "timed out", "socket"))
 
 
 # ---------------------------------------------------------------------------- metrics helpers

@@ -1,0 +1,234 @@
+"""Crashes, rank failures, divergence and storage faults: nothing lost, nothing hangs.
+
+Real processes and real signals on CPU. Counts that the README reports are module constants.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfrik_scale import checkpoint as ckpt
+from sfrik_scale.spawn import free_port
+
+from .test_train import TINY, _env, check_ok, pretrain, summary
+
+KILL_TRIALS = 10         # SIGKILL at random moments, 2 processes, checkpoint every step
+KILL_STEPS = 40          # steps of the run being killed and resumed
+
+
+def start_ranks(run_dir: Path, world: int, *overrides: str, port: int) -> list[subprocess.Popen]:
+    """Start ranks the way srun/torchrun would: one process each, rank in the environment."""
+    procs = []
+    for rank in range(world):
+        env = _env()
+        env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, "-m", "sfrik_scale.pretrain", *TINY, f"train.run_dir={run_dir}",
+                                       *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    return procs
+
+
+def wait_for_training(run_dir: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not list((run_dir / "tensorboard").glob("events*")):
+        time.sleep(0.3)
+
+
+# ------------------------------------------------------------------ 1. crash safety
+def check_checkpoints_consistent(run_dir: Path, world: int) -> None:
+    """Every tag marked COMPLETE holds every rank's files; the pointer names a complete tag."""
+    root = run_dir / "checkpoints"
+    for tag in ckpt.complete_tags(run_dir):
+        files = {p.name for p in (root / tag).iterdir()}
+        assert "mp_rank_00_model_states.pt" in files, (tag, files)
+        assert {f"rng_rank{r}.pt" for r in range(world)} <= files, (tag, files)
+    pointer = root / ckpt.LATEST_POINTER
+    if pointer.exists():
+        assert (root / pointer.read_text().strip() / ckpt.COMPLETE_MARKER).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigkill_at_random_moments_then_resume_loses_nothing(tmp_path):
+    rng = random.Random(1234)
+    reference, run = tmp_path / "reference", tmp_path / "killed"
+    overrides = [f"train.max_steps={KILL_STEPS}", "train.checkpoint_every_steps=1", "train.keep_last=2",
+                 "train.peer_timeout_s=30"]
+    check_ok(pretrain(reference, *overrides, procs=2))
+    resumed_from, mid_write = [], 0
+    for trial in range(KILL_TRIALS):
+        before = ckpt.latest_complete(run)
+        procs = start_ranks(run, 2, *overrides, port=free_port())
+        deadline = time.time() + 120  # resumed and training: a checkpoint newer than the last one
+        while time.time() < deadline and ckpt.latest_complete(run) == before and procs[0].poll() is None:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.0))  # anywhere: mid-step, mid-checkpoint, mid-prune
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in procs:
+            p.communicate(timeout=60)
+        check_checkpoints_consistent(run, 2)
+        root = run / "checkpoints"
+        torn = [p.name for p in root.iterdir() if p.is_dir() and not (p / ckpt.COMPLETE_MARKER).exists()] \
+            if root.is_dir() else []
+        mid_write += bool(torn)
+        after = ckpt.latest_complete(run)
+        if before is not None:  # progress is never lost: the newest complete checkpoint only moves forward
+            assert after is not None and ckpt.step_of(after) >= ckpt.step_of(before)
+        resumed_from.append(after)
+    print(f"{KILL_TRIALS} kills, {mid_write} inside a checkpoint write, resume points {resumed_from}")
+    assert len({r for r in resumed_from if r}) >= 3  # the run made progress between kills
+    check_ok(pretrain(run, *overrides, procs=2))
+    a, b = summary(reference)["loss_history"], summary(run)["loss_history"]
+    assert len(a) == len(b) == KILL_STEPS
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_without_marker_is_never_resumed_from(tmp_path):
+    for step, complete in ((2, True), (4, True), (6, False)):
+        folder = tmp_path / "checkpoints" / ckpt.tag_for(step)
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / ckpt.COMPLETE_MARKER).write_text("{}")
+    assert ckpt.latest_complete(tmp_path) == "step000000004"
+    ckpt.prune(tmp_path, keep_last=1)  # the torn step 6 is newer than the newest complete: kept for inspection
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step000000004", "step000000006"]
+
+
+# ------------------------------------------------------------------ 2. rank failure
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigkill_of_one_rank_the_other_exits_in_bounded_time_naming_it(tmp_path):
+    run = tmp_path / "kill1"
+    procs = start_ranks(run, 2, "train.epochs=100", "train.peer_timeout_s=20", port=free_port())
+    wait_for_training(run)
+    time.sleep(2)
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    killed_at = time.time()
+    out, _ = procs[0].communicate(timeout=120)
+    elapsed = time.time() - killed_at
+    procs[1].communicate(timeout=30)
+    assert procs[0].returncode not in (0, None)
+    assert elapsed < 20 + 15, elapsed  # the peer timeout plus a few heartbeats
+    assert "rank 1 failed" in out, out[-3000:]
+
+
+def _corrupt_folder(root: Path, n: int = 64) -> None:
+    from PIL import Image
+
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(n // 2):
+            Image.new("RGB", (40, 40), (i * 4 % 255, c * 120, 60)).save(root / f"class{c}" / f"{i:03d}.jpg")
+    (root / "class1" / "007.jpg").write_bytes(b"\xff\xd8\xff this is not a jpeg")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_exception_on_one_rank_stops_the_others_naming_it(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "exc"
+    _corrupt_folder(data)
+    procs = start_ranks(run, 2, "data.dataset=image_folder", f"data.path={data}", "data.skip_bad_files=false",
+                        "train.epochs=100", "train.peer_timeout_s=60", port=free_port())
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    culprit = next(r for r, out in enumerate(outs) if f"[rank{r}]: sfrik_scale.data.folder.BadImageError" in out)
+    other = 1 - culprit
+    assert all(p.returncode not in (0, None) for p in procs)
+    # named either by the watchdog thread or by the failed collective's error, whichever comes first
+    assert f"rank {culprit} failed: raised: BadImageError" in outs[other] and "007.jpg" in outs[other]
+
+
+# ------------------------------------------------------------------ 3. divergence
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_divergence_is_detected_and_diagnosed(tmp_path, policy):
+    # lr 1e30: step 1 leaves huge but finite weights, from step 2 on the embeddings overflow
+    run = tmp_path / policy
+    proc = pretrain(run, "train.max_steps=4", "optim.name=adamw", "optim.base_lr=1e30", "optim.warmup_epochs=0",
+                    "train.checkpoint_every_steps=1", f"train.on_nonfinite={policy}")
+    if policy == "stop":
+        assert proc.returncode == 1 and "NonFiniteLossError" in proc.stderr
+        assert ckpt.latest_complete(run) == "step000000001"  # the last state, not overwritten
+        info = json.loads((run / "nonfinite.json").read_text())
+        assert info["step"] == 2 and info["per_rank"][0]["z1"]["nonfinite_values"] > 0
+    else:  # skipped steps change nothing; each is counted and described
+        check_ok(proc)
+        events = [json.loads(e) for e in (run / "nonfinite.jsonl").read_text().splitlines()]
+        assert [e["step"] for e in events] == [2, 3, 4] and all(e["policy"] == "skip" for e in events)
+        assert summary(run)["skipped_steps"] == 3
+
+
+def test_nonfinite_parameters_are_never_checkpointed(tmp_path):
+    from types import SimpleNamespace
+
+    from sfrik_scale.topology import Topology
+    from sfrik_scale.train import NonFiniteStateError, Trainer, TrainState
+
+    trainer = Trainer.__new__(Trainer)
+    module = torch.nn.Linear(3, 3)
+    with torch.no_grad():
+        module.weight[1, 2] = float("inf")
+    trainer.engine, trainer.run_dir = SimpleNamespace(module=module), tmp_path
+    trainer.topo, trainer.state = Topology(0, 1, 0, torch.device("cpu"), "single"), TrainState(step=7)
+    with pytest.raises(NonFiniteStateError, match="step 7.*intact"):
+        trainer.checkpoint()
+    assert not (tmp_path / "checkpoints").exists()
+    assert json.loads((tmp_path / "nonfinite.json").read_text())["step"] == 7
+
+
+# ------------------------------------------------------------------ 4. storage faults
+@pytest.mark.slow
+def test_unwritable_checkpoint_folder_is_a_clear_error_and_keeps_the_previous(tmp_path):
+    run = tmp_path / "ro"
+    check_ok(pretrain(run, "train.max_steps=2"))
+    (run / "checkpoints" / "step000000004").write_text("a file where the next checkpoint folder should go")
+    proc = pretrain(run, "train.max_steps=4")
+    assert proc.returncode == 1
+    assert "CheckpointWriteError" in proc.stderr and "step000000002 is intact" in proc.stderr
+    assert ckpt.latest_complete(run) == "step000000002"
+    (run / "checkpoints" / "step000000004").unlink()
+    check_ok(pretrain(run, "train.max_steps=4"))  # and the run carries on from step 2
+    assert summary(run)["final_step"] == 4
+
+
+class _FakeEngine:
+    """Stands in for a DeepSpeed engine whose disk fills up while writing."""
+
+    def __init__(self, fail: bool):
+        self.fail = fail
+        self.module = torch.nn.Linear(4, 4)
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        folder = Path(root) / tag
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"partial")
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_writing_keeps_the_previous_checkpoint(tmp_path):
+    ckpt.save_checkpoint(_FakeEngine(False), tmp_path, 5, {}, rank=0, keep_last=2)
+    with pytest.raises(ckpt.CheckpointWriteError, match="No space left on device.*step000000005 is intact"):
+        ckpt.save_checkpoint(_FakeEngine(True), tmp_path, 6, {}, rank=0, keep_last=2)
+    assert ckpt.latest_complete(tmp_path) == "step000000005"
+    assert not (tmp_path / "checkpoints" / "step000000006").exists()  # partial files removed
+
+
+def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(_FakeEngine(False), tmp_path, 1, {}, rank=0, keep_last=2)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: os.statvfs_result((0,) * 10) and
+                        type("U", (), {"free": 10})())
+    with pytest.raises(ckpt.CheckpointWriteError, match="GiB free"):
+        ckpt.save_checkpoint(_FakeEngine(False), tmp_path, 2, {}, rank=0, keep_last=2)
+    assert ckpt.latest_complete(tmp_path) == "step000000001"
