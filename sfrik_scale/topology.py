@@ -114,7 +114,17 @@ def init_distributed(local_rank_arg: Optional[int] = None, timeout_s: float = 18
         _skip_cpu_shm_op()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                timeout=timedelta(seconds=timeout_s))
+    quiet_deepspeed(topo.rank)
     return topo
+
+
+def quiet_deepspeed(rank: int) -> None:
+    """DeepSpeed logs on every rank; keep its warnings on rank 0 and only errors elsewhere."""
+    import logging
+
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
 
 
 def _skip_cpu_shm_op() -> None:

@@ -137,6 +137,9 @@ class Trainer:
         from .optim import attach_zero_layout, build_optimizer, build_scheduler
 
         cfg = self.cfg
+        if cfg.deepspeed.precision == "fp16" and self.topo.device.type != "cuda":
+            raise ValueError("deepspeed.precision: fp16 (dynamic loss scaling) needs a CUDA device; "
+                             "use bf16 or fp32 on CPU")
         o = cfg.optim
         opt_kwargs: dict[str, Any] = {"weight_decay": o.weight_decay}
         if o.name == "lars":
