@@ -305,3 +305,23 @@ def test_distributed_bad_input_raises_on_every_rank_without_hang():
             assert match in res[case], (case, rank, res[case])
     assert all(res["nan_on_one_rank"].startswith("NonFiniteInputError") for res in results)
     assert len({res["after"] for res in results}) == 1
+
+
+def _comms_logger_worker(rank: int, world: int) -> list:
+    import deepspeed
+    import deepspeed.comm as dscomm
+
+    from sfrik_scale.topology import _skip_cpu_shm_op
+
+    _skip_cpu_shm_op()
+    deepspeed.init_distributed(dist_backend="gloo")  # wraps the existing gloo group
+    dscomm.configure(enabled=True, prof_all=True, verbose=False)
+    z = batch(N_PER_RANK, Q, seed=rank).requires_grad_(True)
+    kernel_mean(z, make_kernels(Q)["legendre3"]).backward()
+    return sorted(dscomm.comms_logger.comms_dict)
+
+
+@pytest.mark.distributed
+def test_collectives_go_through_deepspeed_comm_when_it_is_initialised():
+    for ops in run_ranks(_comms_logger_worker, 2):
+        assert {"isend", "irecv", "all_reduce", "all_gather_into_tensor"} <= set(ops), ops
