@@ -197,9 +197,37 @@ class Trainer:
             return result
         with self.profiler.phase("backward"):
             self.engine.backward(loss)
+        if not self.gradients_finite():  # agreed on all ranks; the update is not applied
+            self.engine.zero_grad()
+            result.update(nonfinite=True, nonfinite_gradient=True)
+            return result
+        skipped_before = getattr(self.engine, "skipped_steps", 0)
         with self.profiler.phase("optimizer_step"):
             self.engine.step()
+        if not self.engine.fp16_enabled() and getattr(self.engine, "skipped_steps", 0) > skipped_before:
+            # DeepSpeed found non-finite gradients and dropped the update (its check is
+            # all-reduced, so every rank sees it); outside fp16 loss scaling that is divergence
+            result.update(nonfinite=True, nonfinite_gradient=True)
         return result
+
+    def gradients_finite(self) -> bool:
+        """Whether this step's gradients are finite, agreed on all ranks (collective).
+
+        DeepSpeed itself drops (and counts in ``engine.skipped_steps``) updates with
+        non-finite gradients under fp16 and at ZeRO 1-3 in any precision; ZeRO 0 in
+        fp32/bf16 would apply them, so that case is checked here, on the full (already
+        averaged) gradients every rank holds.
+        """
+        if self.engine.fp16_enabled() or self.cfg.deepspeed.zero_stage != 0:
+            return True
+        bad = 0.0
+        for p in self.engine.module.parameters():
+            if p.grad is not None and not bool(torch.isfinite(p.grad.sum(dtype=torch.float32))):
+                bad = 1.0
+                break
+        flag = torch.tensor([bad], device=self.topo.device)
+        comm.all_reduce_(flag)
+        return float(flag) == 0.0  # host sync: once per step at ZeRO 0
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -247,7 +275,8 @@ class Trainer:
                 report = self.nonfinite_report(result)
                 if t.on_nonfinite == "stop":
                     self.write_diagnostic("nonfinite.json", report)
-                    raise NonFiniteLossError(f"non-finite loss at step {st.step + 1} (epoch {st.epoch}) on rank(s) "
+                    what = "gradients" if result.get("nonfinite_gradient") else "loss"
+                    raise NonFiniteLossError(f"non-finite {what} at step {st.step + 1} (epoch {st.epoch}) on rank(s) "
                                              f"{report['ranks']}; diagnostic in {self.run_dir / 'nonfinite.json'}")
                 self.write_diagnostic("nonfinite.jsonl", report, append=True)
                 st.skipped_steps += 1
@@ -339,8 +368,9 @@ class Trainer:
                     "per_dim_std_mean": float(torch.nan_to_num(z).std(0).mean())}
 
         local = {"rank": self.topo.rank, "loss": result["local_loss"],
+                 "what": "gradient" if result.get("nonfinite_gradient") else "loss",
                  "nonfinite_terms": sorted(k for k, v in (result["out"] or {}).items()
-                                           if not math.isfinite(float(v))) if result["out"] is not None
+                                           if not math.isfinite(float(v.detach()))) if result["out"] is not None
                  else ["(input embeddings)"],
                  "z1": stats(result["z1"]), "z2": stats(result["z2"])}
         per_rank = comm.all_gather_objects(local)

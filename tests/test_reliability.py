@@ -232,3 +232,43 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path, monkeypatch):
     with pytest.raises(ckpt.CheckpointWriteError, match="GiB free"):
         ckpt.save_checkpoint(_FakeEngine(False), tmp_path, 2, {}, rank=0, keep_last=2)
     assert ckpt.latest_complete(tmp_path) == "step000000001"
+
+
+def _nan_gradient_worker(rank: int, world: int, run_dir: str, stage: int) -> dict:
+    import deepspeed
+
+    from sfrik_scale.config import load_config
+    from sfrik_scale.topology import Topology, _skip_cpu_shm_op
+    from sfrik_scale.train import Trainer
+
+    _skip_cpu_shm_op()
+    deepspeed.init_distributed(dist_backend="gloo")
+    cfg = load_config(None, [*TINY, f"train.run_dir={run_dir}", "train.max_steps=4", f"deepspeed.zero_stage={stage}",
+                             "monitor.tensorboard=false"]).validate(world)
+    trainer = Trainer(cfg, Topology(rank, world, rank, torch.device("cpu"), "torch"))
+    trainer.health = __import__("types").SimpleNamespace(set_step=lambda s: None)
+    trainer.build()
+    calls = {"n": 0}
+
+    def poison(grad):  # rank 1's gradient turns NaN in its second backward pass only
+        calls["n"] += 1
+        return grad * float("nan") if rank == 1 and calls["n"] == 2 else grad
+
+    next(trainer.engine.module.projector.parameters()).register_hook(poison)
+    trainer.train()
+    trainer.close()
+    return {"skipped": trainer.state.skipped_steps, "history": trainer.state.history,
+            "finite": trainer.params_finite()}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_a_nonfinite_gradient_on_one_rank_is_skipped_on_all(tmp_path, stage):
+    from sfrik_scale.spawn import run_ranks
+
+    results = run_ranks(_nan_gradient_worker, 2, str(tmp_path), stage, timeout=300)
+    assert [r["skipped"] for r in results] == [1, 1]
+    assert all(r["finite"] for r in results) and len(results[0]["history"]) == 3
+    events = [json.loads(e) for e in (tmp_path / "nonfinite.jsonl").read_text().splitlines()]
+    assert len(events) == 1 and events[0]["step"] == 2 and events[0]["per_rank"][0]["what"] == "gradient"
