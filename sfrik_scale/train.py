@@ -220,13 +220,14 @@ class Trainer:
         """
         if self.engine.fp16_enabled() or self.cfg.deepspeed.zero_stage != 0:
             return True
-        bad = 0.0
-        for p in self.engine.module.parameters():
-            if p.grad is not None and not bool(torch.isfinite(p.grad.sum(dtype=torch.float32))):
-                bad = 1.0
-                break
-        flag = torch.tensor([bad], device=self.topo.device)
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        # one fused pass gives the global norm (logged: DeepSpeed only computes it at ZeRO 0
+        # when clipping) and the finiteness check: a NaN/Inf anywhere makes the norm non-finite
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else \
+            torch.zeros((), device=self.topo.device)
+        flag = (~torch.isfinite(norm)).float().reshape(1)
         comm.all_reduce_(flag)
+        self._grad_norm = norm
         return float(flag) == 0.0  # host sync: once per step at ZeRO 0
 
     # ------------------------------------------------------------------ the loop
@@ -342,6 +343,8 @@ class Trainer:
             values.update({k: float(v) / self.topo.world_size for k, v in zip(names, comps.tolist())})
             values.update(embedding_health(result["z1"].detach()))
         grad_norm = eng.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = getattr(self, "_grad_norm", None)
         values.update({
             "lr": eng.get_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
