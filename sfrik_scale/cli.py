@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "sfrik_scale.pretrain",      # pretrain
     "sfrik_scale.checkpoint",    # export
     "sfrik_scale.benchmarks",    # bench loss|...
+    "sfrik_scale.eval.cli",      # linear-eval, knn-eval, finetune, svm-eval, report
 )
 
 #: commands that take free-form dotted overrides after their options

@@ -126,9 +126,10 @@ class LossConfig:
 class DataConfig:
     """Dataset, two-view augmentations and loader."""
 
-    dataset: Literal["synthetic", "image_folder", "file_list"] = _f("synthetic", help=(
+    dataset: Literal["synthetic", "digits", "image_folder", "file_list"] = _f("synthetic", help=(
         "A sfrik_scale.data.DATASETS name. synthetic: procedurally generated images with class structure, "
-        "no download, deterministic by train.seed; image_folder: a tree root/<class>/<image>; "
+        "no download, deterministic by train.seed; digits: scikit-learn's bundled 8x8 handwritten digits "
+        "(real images, fixed train/val split, no download); image_folder: a tree root/<class>/<image>; "
         "file_list: a text file of 'path label' lines."))
     path: Optional[str] = _f(None, help=(
         "The image_folder root (e.g. /data/imagenet/train) or the file_list text file; required unless synthetic."))
@@ -239,6 +240,26 @@ class MonitorConfig:
 
 
 @dataclass
+class OnlineEvalConfig:
+    """Online evaluation during pretraining (``sfrik_scale.eval.online``): a linear head on the detached
+    backbone features of the training batches and a weighted kNN monitor, scored on a held-out split."""
+
+    enabled: bool = _f(False, help=(
+        "Train the detached head and run the kNN monitor; logged under online/ in TensorBoard and summary.json."))
+    every_epochs: int = _f(1, help="Epochs between online evaluations.")
+    val_path: Optional[str] = _f(None, help=(
+        "Held-out folder or file list for image_folder/file_list data (e.g. ImageNet val); synthetic and "
+        "digits use their val split."))
+    val_size: Optional[int] = _f(2000, help=(
+        "Held-out images scored (per-class balanced subset; the synthetic val split's size). None: all."))
+    bank_per_class: int = _f(50, help="Labelled training images per class in the kNN bank, re-encoded at each evaluation.")
+    knn_k: int = _f(20, help="Neighbours of the kNN monitor.")
+    knn_temperature: float = _f(0.07, help="T in the vote weights exp(similarity / T).")
+    head_lr: float = _f(0.1, help="SGD lr of the online head (momentum 0.9, no weight decay).")
+    batch_size: int = _f(256, help="Images per forward per rank when encoding the bank and held-out images.")
+
+
+@dataclass
 class ProfilingConfig:
     """Optional profiling (``sfrik_scale.profiling``)."""
 
@@ -274,6 +295,7 @@ class Config:
     deepspeed: DeepSpeedSettings = _f(factory=DeepSpeedSettings, help=DeepSpeedSettings.__doc__)
     monitor: MonitorConfig = _f(factory=MonitorConfig, help=MonitorConfig.__doc__)
     profiling: ProfilingConfig = _f(factory=ProfilingConfig, help=ProfilingConfig.__doc__)
+    online_eval: OnlineEvalConfig = _f(factory=OnlineEvalConfig, help=OnlineEvalConfig.__doc__)
 
     @property
     def peak_lr(self) -> float:
@@ -569,7 +591,7 @@ def _check_values(cfg: Config) -> None:
         _require(value is None or value > 0, f"loss.{name}", f"must be > 0, got {value}")
     _require(lo.chunk_size is None or lo.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {lo.chunk_size}")
 
-    _require(d.dataset == "synthetic" or bool(d.path), "data.path",
+    _require(d.dataset not in ("image_folder", "file_list") or bool(d.path), "data.path",
              f"required for dataset {d.dataset!r}: pass data.path=/path/to/images")
     for name, low in (("num_classes", 1), ("image_size", 8), ("synthetic_size", 1), ("num_workers", 0)):
         _require(getattr(d, name) >= low, f"data.{name}", f"must be >= {low}, got {getattr(d, name)}")
@@ -589,6 +611,15 @@ def _check_values(cfg: Config) -> None:
                       ("keep_last", 1), ("log_every_steps", 1)):
         _require(getattr(t, name) >= low, f"train.{name}", f"must be >= {low}, got {getattr(t, name)}")
     _require(t.max_steps is None or t.max_steps >= 1, "train.max_steps", f"must be >= 1, got {t.max_steps}")
+    e = cfg.online_eval
+    for name in ("every_epochs", "bank_per_class", "knn_k", "batch_size"):
+        _require(getattr(e, name) >= 1, f"online_eval.{name}", f"must be >= 1, got {getattr(e, name)}")
+    _require(e.val_size is None or e.val_size >= 1, "online_eval.val_size", f"must be None or >= 1, got {e.val_size}")
+    for name in ("knn_temperature", "head_lr"):
+        value = getattr(e, name)
+        _require(math.isfinite(value) and value > 0, f"online_eval.{name}", f"must be > 0, got {value}")
+    _require(not e.enabled or d.dataset not in ("image_folder", "file_list") or bool(e.val_path),
+             "online_eval.val_path", f"required with online_eval.enabled for dataset {d.dataset!r}")
     for name in ("peer_timeout_s", "collective_timeout_s"):
         value = getattr(t, name)
         _require(math.isfinite(value) and value > 0, f"train.{name}", f"must be a number of seconds > 0, got {value}")

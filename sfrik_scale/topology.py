@@ -53,7 +53,7 @@ def resolve_launch_env(env: MutableMapping[str, str], local_rank_arg: Optional[i
     Returns the launcher's name ("torch" for deepspeed/torchrun, "slurm", or "single").
     """
     if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = "torch"
+        launcher = env.get("SFRIK_LAUNCHER", "torch")  # set when we filled the variables ourselves
         env.setdefault("LOCAL_RANK", str(local_rank_arg if local_rank_arg is not None else 0))
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         launcher = "slurm"
@@ -71,6 +71,8 @@ def resolve_launch_env(env: MutableMapping[str, str], local_rank_arg: Optional[i
         env.setdefault("MASTER_PORT", str(_free_port()))
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(DEFAULT_PORT))
+    if launcher in ("slurm", "single"):
+        env["SFRIK_LAUNCHER"] = launcher
     return launcher
 
 

@@ -87,6 +87,9 @@ class Trainer:
         self.monitor = Monitor(self.run_dir, topo.is_main, cfg.monitor.tensorboard, cfg.monitor.progress)
         self.profiler = build_profiler(cfg, self.run_dir, topo.device, topo.is_main, self.monitor)
         self.profiler.attach(self.engine.module)
+        from .eval.online import OnlineEvaluator
+
+        self.online = OnlineEvaluator.from_config(cfg, topo, self.monitor, self.engine.module)  # no-op when off
         if topo.is_main:
             cfg.save(self.run_dir)
             atomic_write_text(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
@@ -168,6 +171,7 @@ class Trainer:
         saved = client.get("train_state", {})
         self.state = TrainState(**{k: saved[k] for k in TrainState().to_dict() if k in saved})
         self.resumed_from = client["tag"]
+        self.online.load_state_dict(client.get("online_eval"))
 
     # ------------------------------------------------------------------ one micro-step
     def train_step(self, view1: torch.Tensor, view2: torch.Tensor) -> dict:
@@ -269,8 +273,9 @@ class Trainer:
             data_wait += time.perf_counter() - wait_start
             if batch is None:
                 break
-            view1, view2, _ = batch
+            view1, view2, labels = batch
             result = self.train_step(view1, view2)
+            self.online.on_step(labels, skip=result["nonfinite"])  # detached head on this batch's features
             micro += 1
             if result["nonfinite"]:  # every rank is here together: the flag was all-reduced
                 report = self.nonfinite_report(result)
@@ -309,7 +314,10 @@ class Trainer:
             if t.checkpoint_every_steps and st.step % t.checkpoint_every_steps == 0:
                 self.checkpoint()
         finished = st.samples_in_epoch >= self.steps_per_epoch * t.global_batch_size
-        mon.end_epoch(self._epoch_record(sums, count, skipped, images, start, partial=not finished))
+        record = self._epoch_record(sums, count, skipped, images, start, partial=not finished)
+        if finished or st.step >= self.total_steps:  # every rank: the evaluation holds collectives
+            record.update(self.online.on_epoch_end(self.engine.module, st.epoch, st.step))
+        mon.end_epoch(record)
         if finished:
             st.epoch += 1
             st.samples_in_epoch = 0
@@ -429,7 +437,9 @@ class Trainer:
                                                      "what": "non-finite parameters before a checkpoint"})
             raise NonFiniteStateError(f"parameters are non-finite at step {self.state.step}; no checkpoint was "
                                       f"written, the last complete one in {self.run_dir / 'checkpoints'} is intact")
+        online = getattr(self, "online", None)
         client = {"train_state": self.state.to_dict(), "config": self.cfg.to_dict(),
+                  "online_eval": online.state_dict() if online is not None else None,
                   "sampler": self.loader.sharded_sampler.state_dict(self.state.samples_in_epoch)}
         tag = save_checkpoint(self.engine, self.run_dir, self.state.step, client, self.topo.rank,
                               self.cfg.train.keep_last)
@@ -455,6 +465,9 @@ class Trainer:
                                   bad_files=self.loader.bad_files.as_dict() if hasattr(self, "loader") else {})
             monitor.close()
         self.profiler.close()
+        online = getattr(self, "online", None)
+        if online is not None:
+            online.close()
 
     def run(self) -> int:
         """The whole job. A failure on any rank is recorded for its peers (health.py), and an

@@ -363,3 +363,4 @@ __all__ = [
     "build_dataset", "build_eval_dataset", "build_eval_transform", "build_loader", "build_pretrain_dataset",
     "build_two_view_transform", "build_view_transform", "check_dataset_size", "mix_seed", "pil_loader",
 ]
+import sfrik_scale.data.real  # noqa: E402,F401  (registers "digits")

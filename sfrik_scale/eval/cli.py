@@ -1,0 +1,346 @@
+"""Evaluation commands: ``linear-eval``, ``knn-eval``, ``finetune``, ``svm-eval``, ``report``.
+
+    sfrik-scale linear-eval runs/demo                        # frozen backbone, linear head, 100 epochs
+    sfrik-scale knn-eval runs/demo --k 10 20 100 200
+    sfrik-scale finetune runs/demo --label-fraction 0.01    # semi-supervised, 1 % recipe
+    sfrik-scale linear-eval runs/in1k --dataset image_folder --train-data /data/places205/train \\
+        --val-data /data/places205/val --benchmark places205  # transfer
+    sfrik-scale svm-eval runs/in1k --voc-root /data/VOCdevkit/VOC2007
+    sfrik-scale report runs/*
+
+Several processes (data parallel; see each module's "Distributed" paragraph)::
+
+    deepspeed --num_gpus 8 --module sfrik_scale.eval.cli linear-eval runs/in1k ...
+    torchrun --nproc_per_node 8 -m sfrik_scale.eval.cli linear-eval runs/in1k ...
+
+A SOURCE is a pretraining run directory (latest complete checkpoint, or --tag), an export
+directory (backbone.pt + export.json) or a backbone.pt file; --random-init evaluates its
+architecture with random weights. Data options default to the pretraining run's data.
+Results go to OUT/result.json (default OUT: SOURCE/eval/<command>-<benchmark>[-<subset>]).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+COMMANDS = ("linear-eval", "knn-eval", "finetune", "svm-eval", "report")
+
+
+# ----------------------------------------------------------------------------------------
+# Argument groups
+# ----------------------------------------------------------------------------------------
+def _source_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("weights")
+    g.add_argument("source", help="pretraining run directory, export directory, or backbone.pt")
+    g.add_argument("--tag", default=None, help="checkpoint tag of a run (default: the latest complete one)")
+    g.add_argument("--backbone", default=None, help="architecture name, when the source does not say")
+    g.add_argument("--random-init", action="store_true",
+                   help="ignore the weights: a randomly initialised backbone of the same architecture (baseline)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data (defaults: the pretraining run's)")
+    g.add_argument("--dataset", default=None,
+                   help="synthetic, digits, image_folder (ImageNet/Places205 layout root/<class>/<image>), file_list")
+    g.add_argument("--train-data", default=None, help="image_folder root or file_list of the training split")
+    g.add_argument("--val-data", default=None, help="image_folder root or file_list of the validation split")
+    g.add_argument("--image-size", type=int, default=None, help="crop side (default: the run's, else 224)")
+    g.add_argument("--num-classes", type=int, default=None, help="synthetic: classes")
+    g.add_argument("--synthetic-size", type=int, default=None, help="synthetic: train images")
+    g.add_argument("--synthetic-val-size", type=int, default=1000, help="synthetic: val images (1000)")
+    g.add_argument("--data-seed", type=int, default=None, help="synthetic: generation seed (default: the run's)")
+    g.add_argument("--benchmark", default=None, help="short name of the benchmark in results and reports")
+
+
+def _subset_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("labelled subset (default: all labels)")
+    g.add_argument("--label-fraction", type=float, default=None,
+                   help="keep this fraction of each class's images (0.01, 0.1), chosen deterministically")
+    g.add_argument("--images-per-class", type=int, default=None, help="keep this many images of each class")
+    g.add_argument("--subset-file", default=None,
+                   help="a list of image names (SimCLR's 1percent.txt / 10percent.txt format)")
+    g.add_argument("--subset-seed", type=int, default=0, help="seed of the generated subset (0)")
+
+
+def _runtime_args(p: argparse.ArgumentParser, batch_help: str = "global batch size (256)") -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="output folder (default: SOURCE/eval/<command>-<benchmark>...)")
+    g.add_argument("--batch-size", type=int, default=256, help=batch_help)
+    g.add_argument("--workers", type=int, default=4, help="data-loading workers per process (4)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the head, shuffling and augmentations (0)")
+    g.add_argument("--no-resume", dest="resume", action="store_false", help="start over, ignoring saved state")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no TensorBoard events")
+    g.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _classifier_args(p: argparse.ArgumentParser, epochs: int, weight_decay: float) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=epochs, help=f"epochs ({epochs})")
+    g.add_argument("--weight-decay", type=float, default=weight_decay, help=f"weight decay ({weight_decay:g})")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("LOW", "HIGH"),
+                   help="RandomResizedCrop area range of the training crops (0.08 1.0)")
+    g.add_argument("--eval-every", type=int, default=1, help="validate every k epochs, and after the last (1)")
+    g.add_argument("--eval-batch-size", type=int, default=256, help="validation batch per process (256)")
+
+
+def add_commands(subparsers) -> None:
+    fmt = argparse.HelpFormatter
+    lin = subparsers.add_parser("linear-eval", help="linear probe on a frozen backbone (also transfer)",
+                                description=_doc("classifier"), formatter_class=fmt)
+    _source_args(lin)
+    _data_args(lin)
+    _subset_args(lin)
+    _classifier_args(lin, epochs=100, weight_decay=1e-6)
+    lin.add_argument("--lr", type=float, default=0.4, help="head learning rate (0.4; VICReg's recipe: 0.02)")
+    _runtime_args(lin)
+    lin.set_defaults(handler=main_linear)
+
+    knn = subparsers.add_parser("knn-eval", help="weighted kNN on frozen features",
+                                description=_doc("knn"), formatter_class=fmt)
+    _source_args(knn)
+    _data_args(knn)
+    _subset_args(knn)
+    knn.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts (10 20 100 200)")
+    knn.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(sim / T) (0.07)")
+    knn.add_argument("--no-cache", dest="cache", action="store_false", help="do not cache the features in OUT/cache")
+    _runtime_args(knn, batch_help="encoding batch per process (256)")
+    knn.set_defaults(handler=main_knn)
+
+    ft = subparsers.add_parser("finetune", help="semi-supervised fine-tuning (1 %% / 10 %% labels)",
+                               description=_doc("classifier"), formatter_class=fmt)
+    _source_args(ft)
+    _data_args(ft)
+    _subset_args(ft)
+    _classifier_args(ft, epochs=20, weight_decay=0.0)
+    ft.add_argument("--backbone-lr", type=float, default=None,
+                    help="backbone lr (default: 0.004 with <= 3 %% of the labels, else 0.02)")
+    ft.add_argument("--head-lr", type=float, default=None,
+                    help="head lr (default: 1.0 with <= 3 %% of the labels, else 0.1)")
+    _runtime_args(ft)
+    ft.set_defaults(handler=main_finetune)
+
+    svm = subparsers.add_parser("svm-eval", help="VOC07-style per-class linear SVMs on frozen features (mAP)",
+                                description=_doc("svm"), formatter_class=fmt)
+    _source_args(svm)
+    g = svm.add_argument_group("data")
+    g.add_argument("--voc-root", default=None, help="a VOC devkit folder (VOCdevkit/VOC2007)")
+    g.add_argument("--train-list", default=None, help="multi-label list of the training split (see docs)")
+    g.add_argument("--test-list", default=None, help="multi-label list of the test split")
+    g.add_argument("--root", default=None, help="folder the listed paths are relative to (default: the list's)")
+    g.add_argument("--train-set", default="trainval", help="VOC image set for training (trainval)")
+    g.add_argument("--test-set", default="test", help="VOC image set for testing (test)")
+    g.add_argument("--image-size", type=int, default=None, help="crop side (default: the run's, else 224)")
+    g.add_argument("--benchmark", default="voc07", help="name in results and reports (voc07)")
+    g = svm.add_argument_group("protocol")
+    g.add_argument("--costs", default=None,
+                   help="comma-separated SVM costs (default: 1e-7..100 by decades and 0.5^4..0.5^19)")
+    g.add_argument("--folds", type=int, default=3, help="cross-validation folds choosing the cost per class (3)")
+    g.add_argument("--ap", choices=("standard", "11point"), default="standard",
+                   help="AP definition: all-point interpolated (standard) or VOC2007 11-point")
+    _runtime_args(svm, batch_help="encoding batch per process (256)")
+    svm.set_defaults(handler=main_svm)
+
+    rep = subparsers.add_parser("report", help="comparison table of evaluation results (Markdown + rich)",
+                                description=_doc("report"), formatter_class=fmt)
+    rep.add_argument("paths", nargs="+", help="result.json files, their folders, or run directories")
+    rep.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    rep.add_argument("--metric", choices=("best", "last"), default="best", help="best or last-epoch accuracy")
+    rep.set_defaults(handler=main_report)
+
+
+_DESCRIPTIONS = {
+    "classifier": "Linear probe (frozen backbone in eval mode, linear head N(0, 0.01), SGD momentum 0.9, cosine, "
+                  "batch 256, lr 0.4, wd 1e-6, 100 epochs) or semi-supervised fine-tuning (20 epochs, wd 0, "
+                  "backbone/head lr 0.004/1.0 with 1 % of the labels, 0.02/0.1 with 10 %). Data parallel over "
+                  "processes; resumable from OUT/checkpoint.pt; top-1/top-5 last and best in OUT/result.json. "
+                  "See docs/evaluation.md.",
+    "knn": "Weighted kNN on L2-normalised frozen features (votes exp(sim / T), T = 0.07, k in 10 20 100 200); "
+           "the bank stays sharded over processes. Features cached in OUT/cache. See docs/evaluation.md.",
+    "svm": "VOC07 protocol: per-class linear SVMs (LinearSVC) on L2-normalised frozen features, cost chosen per "
+           "class by 3-fold cross-validated AP over a sweep, test mAP (standard all-point AP or VOC07 11-point). "
+           "Data: --voc-root VOCdevkit/VOC2007, or --train-list/--test-list in the multi-label list format "
+           "(lines 'path v1 ... vC', values 1 present / -1 absent / 0 difficult). See docs/evaluation.md.",
+    "report": "Collect result.json files (or folders holding them, e.g. run directories) into the comparison table "
+              "(method, q, L, epochs, linear top-1/top-5, kNN, semi-supervised, transfer); Markdown on stdout, "
+              "a rich table on stderr.",
+}
+
+
+def _doc(name: str) -> str:
+    return _DESCRIPTIONS[name]
+
+
+# ----------------------------------------------------------------------------------------
+# Handlers
+# ----------------------------------------------------------------------------------------
+def _source(args):
+    from .source import resolve_source
+
+    return resolve_source(args.source, tag=args.tag, backbone=args.backbone, random_init=args.random_init)
+
+
+def _data_spec(args, pretrain: dict):
+    from .data import EvalDataSpec
+
+    dataset = args.dataset or pretrain.get("dataset") or "synthetic"
+    same = dataset == pretrain.get("dataset")
+    spec = EvalDataSpec(
+        dataset=dataset,
+        train_path=args.train_data or (pretrain.get("path") if same else None),
+        val_path=args.val_data,
+        image_size=args.image_size or pretrain.get("image_size") or 224,
+        num_classes=args.num_classes or (pretrain.get("num_classes") if same else None) or 10,
+        synthetic_size=args.synthetic_size or (pretrain.get("synthetic_size") if same else None) or 4096,
+        synthetic_val_size=args.synthetic_val_size,
+        seed=args.data_seed if args.data_seed is not None else (pretrain.get("seed") or 0) if same else 0)
+    for name in ("image_size", "num_classes", "synthetic_size", "synthetic_val_size"):
+        if getattr(spec, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(spec, name)}")
+    return spec
+
+
+def _subset(args):
+    from .subsets import LabelSubset
+
+    return LabelSubset(fraction=args.label_fraction, per_class=args.images_per_class, file=args.subset_file,
+                       seed=args.subset_seed)
+
+
+def _subset_tag(subset) -> Optional[str]:
+    if subset.fraction is not None:
+        return f"{100 * subset.fraction:g}pct"
+    if subset.per_class is not None:
+        return f"{subset.per_class}perclass"
+    if subset.file is not None:
+        return Path(subset.file).stem
+    return None
+
+
+def _setup(kind: str, args, need_val: bool = True, header: tuple = ()):
+    from .common import default_out_dir, eval_topology
+    from .session import prepare
+
+    source = _source(args)
+    spec = _data_spec(args, source.pretrain)
+    subset = _subset(args)
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    benchmark = args.benchmark or spec.benchmark_name()
+    extra = "-".join(x for x in (_subset_tag(subset), "random" if args.random_init else None) if x) or None
+    out = Path(args.out) if args.out else default_out_dir(args.source, kind, benchmark, extra)
+    topo = eval_topology(args.local_rank)
+    return prepare(kind, source, spec, out, topo, subset=subset, seed=args.seed, progress=args.progress,
+                   tensorboard=args.tensorboard, benchmark=benchmark, need_val=need_val, header=header)
+
+
+def main_linear(args, extra: Sequence[str] = ()) -> int:
+    from .classifier import ClassifierHParams, ClassifierTraining
+
+    hp = ClassifierHParams(epochs=args.epochs, head_lr=args.lr, weight_decay=args.weight_decay, finetune=False,
+                           batch_size=args.batch_size, momentum=args.momentum, crop_scale=tuple(args.crop_scale),
+                           seed=args.seed, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+                           num_workers=args.workers)
+    hp.check(1)
+    setup = _setup("linear", args, header=(("recipe", f"{hp.epochs} epochs, batch {hp.batch_size}, lr {hp.head_lr:g}, "
+                                                      f"wd {hp.weight_decay:g}, SGD momentum {hp.momentum:g}, cosine"),))
+    ClassifierTraining(setup, hp, resume=args.resume).run()
+    return 0
+
+
+def main_finetune(args, extra: Sequence[str] = ()) -> int:
+    from .classifier import ClassifierHParams, ClassifierTraining, finetune_learning_rates
+
+    setup = _setup("finetune", args)
+    backbone_lr, head_lr = finetune_learning_rates(setup.data["labelled_fraction"])
+    hp = ClassifierHParams(epochs=args.epochs, finetune=True, weight_decay=args.weight_decay,
+                           backbone_lr=args.backbone_lr if args.backbone_lr is not None else backbone_lr,
+                           head_lr=args.head_lr if args.head_lr is not None else head_lr,
+                           batch_size=args.batch_size, momentum=args.momentum, crop_scale=tuple(args.crop_scale),
+                           seed=args.seed, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
+                           num_workers=args.workers)
+    setup.monitor.print(f"recipe: {hp.epochs} epochs, batch {hp.batch_size}, backbone lr {hp.backbone_lr:g}, "
+                        f"head lr {hp.head_lr:g}, wd {hp.weight_decay:g}, SGD momentum {hp.momentum:g}, cosine")
+    ClassifierTraining(setup, hp, resume=args.resume).run()
+    return 0
+
+
+def main_knn(args, extra: Sequence[str] = ()) -> int:
+    from .knn import run_knn_eval
+
+    if min(args.k) < 1 or args.temperature <= 0 or args.batch_size < 1:
+        raise ValueError("--k values and --batch-size must be >= 1 and --temperature > 0")
+    setup = _setup("knn", args, header=(("kNN", f"k in {args.k}, T = {args.temperature:g}, cosine similarity"),))
+    run_knn_eval(setup, ks=args.k, temperature=args.temperature, batch_size=args.batch_size,
+                 num_workers=args.workers, cache=args.cache and args.resume)
+    return 0
+
+
+def main_svm(args, extra: Sequence[str] = ()) -> int:
+    from .common import default_out_dir, eval_topology
+    from .multilabel import read_multilabel_list, read_voc_devkit
+    from .svm import DEFAULT_COSTS, run_svm_eval
+
+    if args.voc_root and (args.train_list or args.test_list):
+        raise ValueError("give either --voc-root or --train-list/--test-list")
+    if args.voc_root:
+        train, test = read_voc_devkit(args.voc_root, args.train_set), read_voc_devkit(args.voc_root, args.test_set)
+    elif args.train_list and args.test_list:
+        train, test = read_multilabel_list(args.train_list, args.root), read_multilabel_list(args.test_list, args.root)
+    else:
+        raise ValueError("svm-eval needs --voc-root, or both --train-list and --test-list")
+    try:
+        costs = [float(c) for c in args.costs.split(",")] if args.costs else list(DEFAULT_COSTS)
+    except ValueError:
+        raise ValueError(f"--costs must be comma-separated numbers, got {args.costs!r}") from None
+    if args.folds < 2:
+        raise ValueError(f"--folds must be >= 2, got {args.folds}")
+    source = _source(args)
+    out = Path(args.out) if args.out else default_out_dir(args.source, "svm", args.benchmark,
+                                                          "random" if args.random_init else None)
+    topo = eval_topology(args.local_rank)
+    run_svm_eval(topo, source, train, test, out, image_size=args.image_size or source.pretrain.get("image_size") or 224,
+                 costs=costs, folds=args.folds, ap=args.ap, batch_size=args.batch_size, num_workers=args.workers,
+                 seed=args.seed, benchmark=args.benchmark, progress=args.progress, tensorboard=args.tensorboard,
+                 resume=args.resume)
+    return 0
+
+
+def main_report(args, extra: Sequence[str] = ()) -> int:
+    from .report import report
+
+    print(report(args.paths, out=args.out, metric=args.metric), end="")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+# python -m sfrik_scale.eval.cli (the deepspeed launcher passes --local_rank before the command)
+# ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sfrik_scale.eval.cli", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_commands(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "local_rank", None) is None and args.launcher_local_rank is not None:
+        args.local_rank = args.launcher_local_rank
+    try:
+        return int(args.handler(args, ()) or 0)
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"sfrik-scale {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
