@@ -140,8 +140,12 @@ class DataConfig:
     images_per_class: Optional[int] = _f(None, help=(
         "Keep only the first K images of each class (in sorted file order); 260 gives the paper's "
         "ImageNet 20% subset. None: all images."))
-    loader: Literal["auto", "torchvision", "dali"] = _f("torchvision", help=(
-        "auto: DALI on GPU when it is installed, torchvision otherwise; dali needs a GPU and nvidia-dali."))
+    loader: Literal["auto", "torchvision", "dali"] = _f("auto", help=(
+        "auto: DALI when nvidia-dali is installed and runs (checked once with a tiny CPU pipeline), else torchvision "
+        "with a one-line notice; dali: DALI or a clear error; torchvision: DataLoader worker processes. DALI decodes "
+        "and augments on the GPU (nvJPEG) when training on CUDA, on CPU threads otherwise; both loaders yield the "
+        "same samples in the same order from the same view descriptions."))
+    num_threads: int = _f(4, help="DALI CPU threads per rank (decoding and CPU augmentation); data.loader dali/auto.")
     num_workers: int = _f(1, help="Data-loading worker processes per rank (torchvision loader).")
     augmentations: Literal["vicreg", "simclr", "alignment_uniformity"] = _f("alignment_uniformity", help=(
         "Two-view augmentation set (a sfrik_scale.data AUGMENTATIONS name): vicreg (the SFRIK paper's, "
@@ -593,7 +597,8 @@ def _check_values(cfg: Config) -> None:
 
     _require(d.dataset not in ("image_folder", "file_list") or bool(d.path), "data.path",
              f"required for dataset {d.dataset!r}: pass data.path=/path/to/images")
-    for name, low in (("num_classes", 1), ("image_size", 8), ("synthetic_size", 1), ("num_workers", 0)):
+    for name, low in (("num_classes", 1), ("image_size", 8), ("synthetic_size", 1), ("num_workers", 0),
+                      ("num_threads", 1)):
         _require(getattr(d, name) >= low, f"data.{name}", f"must be >= {low}, got {getattr(d, name)}")
     _require(d.images_per_class is None or d.images_per_class >= 1, "data.images_per_class",
              f"must be >= 1, got {d.images_per_class}")

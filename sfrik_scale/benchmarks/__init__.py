@@ -10,6 +10,7 @@ import importlib
 #: sub-command name -> module (imported lazily: only the chosen benchmark's imports are paid)
 BENCHMARKS = {
     "loss": "sfrik_scale.benchmarks.loss",
+    "data": "sfrik_scale.benchmarks.data",
     "step": "sfrik_scale.benchmarks.step",
 }
 
