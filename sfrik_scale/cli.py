@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "sfrik_scale.checkpoint",    # export
     "sfrik_scale.benchmarks",    # bench loss|...
     "sfrik_scale.eval.cli",      # linear-eval, knn-eval, finetune, svm-eval, report
+    "sfrik_scale.profiling.cli",  # profile-memory, plan
 )
 
 #: commands that take free-form dotted overrides after their options
