@@ -416,6 +416,35 @@ def _strip_prefix(
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+class _BatchNormFP32SavedLow(torch.autograd.Function):
+    """Training-mode batch norm computed in fp32 that keeps its input for backward in the
+    input's own (low) precision: an fp32 copy of every BatchNorm input would otherwise stay
+    alive until backward (1.4 GB per GPU for ResNet-50 at 32 images in bf16)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):  # type: ignore[override]
+        w = None if weight is None else weight.float()
+        b = None if bias is None else bias.float()
+        out, save_mean, save_invstd = torch.native_batch_norm(x.float(), w, b, running_mean, running_var,
+                                                              True, momentum, eps)
+        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        ctx.eps, ctx.bias_dtype = eps, None if bias is None else bias.dtype
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight, save_mean, save_invstd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad_out.float(), x.float(), None if weight is None else weight.float(), None, None,
+            save_mean, save_invstd, True, ctx.eps, mask)
+        gx = None if gx is None else gx.to(x.dtype)
+        gw = None if gw is None or weight is None else gw.to(weight.dtype)
+        gb = None if gb is None or ctx.bias_dtype is None else gb.to(ctx.bias_dtype)
+        return gx, gw, gb, None, None, None, None
+
+
 class _FP32BatchNormMixin:
     """BatchNorm whose statistics and affine transform run in fp32 for bf16/fp16 inputs.
 
@@ -437,6 +466,11 @@ class _FP32BatchNormMixin:
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
+        stats_fp32 = all(b is None or b.dtype == torch.float32 for b in (self.running_mean, self.running_var))
+        if use_batch_stats and stats_fp32 and torch.is_grad_enabled():
+            return _BatchNormFP32SavedLow.apply(
+                x, self.weight, self.bias, self.running_mean if track else None,
+                self.running_var if track else None, factor, self.eps)
         stats = [None if b is None or not track else (b if b.dtype == torch.float32 else b.float())
                  for b in (self.running_mean, self.running_var)]
         out = nn.functional.batch_norm(
