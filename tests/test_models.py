@@ -229,3 +229,33 @@ def test_backbone_state_dict_from_a_wrapped_model_state_dict_strips_prefixes() -
     model = build_model("tiny_cnn", "16-8")
     wrapped = {f"module.{k}": v for k, v in model.state_dict().items()}
     assert list(backbone_state_dict_for_torchvision(wrapped)) == list(model.backbone.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_batchnorm_matches_an_fp32_reference_and_keeps_low_precision_inputs(dtype):
+    import copy
+
+    from sfrik_scale.models import batchnorm_in_fp32
+
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(6)
+    nn.init.uniform_(ref.weight, 0.5, 1.5)
+    nn.init.uniform_(ref.bias, -0.5, 0.5)
+    low = batchnorm_in_fp32(copy.deepcopy(ref))
+    low.weight.data, low.bias.data = low.weight.data.to(dtype), low.bias.data.to(dtype)  # as DeepSpeed casts
+    x = (3 * torch.randn(8, 6, 5, 5) + 1).to(dtype)
+    xr, xl = x.float().requires_grad_(True), x.clone().requires_grad_(True)
+    g = torch.randn(8, 6, 5, 5).to(dtype)
+    for _ in range(2):  # two forwards, as two views: running statistics updated twice
+        out_r, out_l = ref(xr), low(xl)
+    saved = out_l.grad_fn.saved_tensors  # kept for backward: the input in its own dtype, no fp32 copy
+    assert saved[0].dtype == dtype and saved[0].shape == x.shape
+    assert all(t.dim() == 1 for t in saved[1:] if t is not None)
+    (out_r * g.float()).sum().backward()
+    (out_l.float() * g.float()).sum().backward()
+    tol = 0.05 if dtype == torch.bfloat16 else 0.01
+    assert out_l.dtype == dtype and xl.grad.dtype == dtype and low.weight.grad.dtype == dtype
+    torch.testing.assert_close(out_l.float(), out_r, atol=tol, rtol=tol)
+    torch.testing.assert_close(xl.grad.float(), xr.grad, atol=tol, rtol=tol)
+    torch.testing.assert_close(low.running_mean, ref.running_mean)
+    torch.testing.assert_close(low.running_var, ref.running_var)
