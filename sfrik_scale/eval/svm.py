@@ -41,12 +41,12 @@ import torch
 
 from .. import comm
 from ..data import build_eval_transform
-from ..monitor import Monitor
 from ..topology import Topology
 from .common import ProgressBar, base_result, finish_result, gather_rows, print_header, write_json
 from .features import extract_features
 from .multilabel import MultiLabelImages
-from .source import BackboneSource, load_backbone
+from .session import open_backbone
+from .source import BackboneSource
 
 #: Goyal et al.'s sweep: the listed costs plus 0.5^4 ... 0.5^19, sorted.
 DEFAULT_COSTS = tuple(sorted({1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0}
@@ -147,12 +147,8 @@ def run_svm_eval(topo: Topology, source: BackboneSource, train: MultiLabelImages
     if not costs or min(costs) <= 0:
         raise ValueError(f"costs must be positive, got {list(costs)}")
     costs = sorted(float(c) for c in costs)
-    out_dir = Path(out_dir)
-    if topo.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    monitor = Monitor(out_dir, topo.is_main, tensorboard=tensorboard, progress=progress)
-    backbone, feature_dim = load_backbone(source, seed=seed)
-    backbone.to(topo.device)
+    out_dir, monitor, backbone, feature_dim = open_backbone(source, out_dir, topo, seed=seed, progress=progress,
+                                                            tensorboard=tensorboard)
     classes = train.classes
     data = {"benchmark": benchmark, "transfer": True, "num_classes": len(classes), "classes": classes,
             "train_images": len(train), "test_images": len(test), "image_size": image_size}
