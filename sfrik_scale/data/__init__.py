@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from sfrik_scale.data.folder import (
     IMG_EXTENSIONS, BadFileLog, BadImageError, FileListDataset, ImageFolderDataset, check_dataset_size, pil_loader,
 )
-from sfrik_scale.data.sampler import ShardedSampler
+from sfrik_scale.data.sampler import SamplerPositionMixin, ShardedSampler
 from sfrik_scale.data.synthetic import SyntheticShapes
 from sfrik_scale.data.transforms import (
     AUGMENTATIONS, IMAGENET_MEAN, IMAGENET_STD, TwoViewTransform, ViewAugmentation, build_eval_transform,
@@ -266,11 +266,11 @@ class WorkerSeeder:
             info.dataset.bad_files.take_news()
 
 
-class TwoViewDataLoader(DataLoader):
+class TwoViewDataLoader(SamplerPositionMixin, DataLoader):
     """A DataLoader yielding ``(view1, view2, labels)`` with a `ShardedSampler`.
 
     ``bad_files`` gathers the unusable files met by all workers (merged as batches
-    arrive); ``set_epoch`` / ``set_position`` / ``state_dict`` forward to ``sharded_sampler``.
+    arrive); ``set_epoch`` / ``set_position`` (`SamplerPositionMixin`) forward to ``sharded_sampler``.
     """
 
     def __init__(self, dataset: TwoViewDataset, sharded_sampler: ShardedSampler, **kwargs: Any) -> None:
@@ -280,12 +280,6 @@ class TwoViewDataLoader(DataLoader):
     @property
     def bad_files(self) -> BadFileLog:
         return self.dataset.bad_files
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sharded_sampler.set_epoch(epoch)
-
-    def set_position(self, epoch: int, samples_seen_global: int) -> None:
-        self.sharded_sampler.set_position(epoch, samples_seen_global)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:  # type: ignore[override]
         log = self.dataset.bad_files

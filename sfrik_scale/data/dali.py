@@ -54,7 +54,7 @@ import torch
 from PIL import Image
 
 from sfrik_scale.data.folder import BadFileLog, BadImageError, check_dataset_size
-from sfrik_scale.data.sampler import ShardedSampler
+from sfrik_scale.data.sampler import SamplerPositionMixin, ShardedSampler
 from sfrik_scale.data.transforms import AUGMENTATIONS, ViewAugmentation, as_view_augmentation
 
 _DALI_STREAM = 0x0DA1  # keeps the views' uniforms apart from other users of mix_seed(seed, ...)
@@ -385,7 +385,7 @@ def _to_torch(tensor_list, device: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------
 # Two-view loader.
 # ---------------------------------------------------------------------------------
-class DaliTwoViewLoader:
+class DaliTwoViewLoader(SamplerPositionMixin):
     """Yields ``(view1, view2, labels)``: (micro, 3, S, S) float32 normalised x2 and (micro,) int64.
 
     Same interface as ``sfrik_scale.data.TwoViewDataLoader``: ``sharded_sampler``,
@@ -412,12 +412,6 @@ class DaliTwoViewLoader:
     @property
     def bad_files(self) -> BadFileLog:
         return self.source.bad_files
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sharded_sampler.set_epoch(epoch)
-
-    def set_position(self, epoch: int, samples_seen_global: int) -> None:
-        self.sharded_sampler.set_position(epoch, samples_seen_global)
 
     def __len__(self) -> int:
         return len(self.sharded_sampler) // self.micro_batch_size

@@ -145,3 +145,16 @@ class ShardedSampler(Sampler[int]):
         return (f"ShardedSampler(dataset_len={self.dataset_len}, rank={self.rank}, world_size={self.world_size}, "
                 f"seed={self.seed}, shuffle={self.shuffle}, drop_last={self.drop_last}, "
                 f"global_batch={self.global_batch}, epoch={self.epoch}, start={self.start})")
+
+
+class SamplerPositionMixin:
+    """Epoch and resume-position controls for a loader that owns a ``sharded_sampler``
+    (the torchvision and DALI loaders share them)."""
+
+    sharded_sampler: ShardedSampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sharded_sampler.set_epoch(epoch)
+
+    def set_position(self, epoch: int, samples_seen_global: int) -> None:
+        self.sharded_sampler.set_position(epoch, samples_seen_global)
