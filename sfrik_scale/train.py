@@ -213,15 +213,14 @@ class Trainer:
             nonfinite = ~torch.isfinite(loss.detach())
         except NonFiniteInputError:  # raised on every rank alike
             out, loss, nonfinite = None, None, torch.ones((), dtype=torch.bool, device=dev)
-        status = torch.stack([loss.detach().double() if loss is not None and not bool(nonfinite) else
-                              torch.zeros((), dtype=torch.float64, device=dev),
-                              nonfinite.double(),
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        finite_loss = zero if loss is None else torch.where(nonfinite, zero, loss.detach().double())
+        status = torch.stack([finite_loss, nonfinite.double(),
                               torch.tensor(float(self._stop_requested), dtype=torch.float64, device=dev)])
         comm.all_reduce_(status)
         status = status.tolist()  # host sync: once per micro-step, for the agreed decisions below
         result = {"loss": status[0] / self.topo.world_size, "nonfinite": status[1] > 0,
-                  "stop": status[2] > 0, "out": out, "z1": z1, "z2": z2,
-                  "local_loss": float(loss.detach()) if loss is not None else float("nan")}
+                  "stop": status[2] > 0, "out": out, "z1": z1, "z2": z2, "local_loss": loss}
         if result["nonfinite"]:
             return result
         with self.profiler.phase("backward"):
@@ -403,7 +402,8 @@ class Trainer:
                     "row_norm_mean": float(norms.mean()), "row_norm_max": float(norms.max()),
                     "per_dim_std_mean": float(torch.nan_to_num(z).std(0).mean())}
 
-        local = {"rank": self.topo.rank, "loss": result["local_loss"],
+        local_loss = result["local_loss"]
+        local = {"rank": self.topo.rank, "loss": float("nan") if local_loss is None else float(local_loss.detach()),
                  "what": "gradient" if result.get("nonfinite_gradient") else "loss",
                  "nonfinite_terms": sorted(k for k, v in (result["out"] or {}).items()
                                            if not math.isfinite(float(v.detach()))) if result["out"] is not None
