@@ -24,7 +24,8 @@ from sfrik_scale.data import ViewAugmentation, mix_seed  # noqa: E402
 from sfrik_scale.data import dali as dali_mod  # noqa: E402
 from sfrik_scale.data.dali import build_dali_loader, dali_available  # noqa: E402
 from sfrik_scale.data.dali_ops import (  # noqa: E402
-    NUM_PARAMS, UNIFORMS_PER_VIEW, P, color_matrices, draw_view_params, random_resized_crop_boxes, sample_uniforms,
+    NUM_PARAMS, UNIFORMS_PER_VIEW, P, blur_kernels, color_matrices, draw_view_params, random_resized_crop_boxes,
+    sample_uniforms,
 )
 from sfrik_scale.data.eval_loader import build_eval_loader  # noqa: E402
 
@@ -165,6 +166,27 @@ def test_crop_boxes_lie_inside_the_image_with_area_and_ratio_in_range():
     # Fallback (a tall strip where no attempt fits): torchvision's centre crop with clamped ratio.
     box = random_resized_crop_boxes(np.zeros((1, 22)), np.array([1000]), np.array([10]), (0.9, 1.0), (3 / 4, 4 / 3))
     assert box.tolist() == [[(1000 - 13) // 2, 0, 13, 10]]
+
+
+def test_blur_kernels_are_torchvision_impulse_responses():
+    """The fed 1-D kernel, applied along rows and columns, is torchvision's gaussian_blur of a unit impulse."""
+    import torchvision.transforms.v2.functional as TF
+
+    desc = AUGMENTATIONS.get("sfrik")(224)[0]
+    prm = draw_view_params(desc, sample_uniforms(range(64), UNIFORMS_PER_VIEW), np.full(64, 300), np.full(64, 400))
+    prm[::4, P["blur"]] = 0.0  # some samples are not blurred
+    kernels = blur_kernels(prm)
+    assert len(kernels) == 64 and all(k.dtype == np.float32 for k in kernels)
+    for j, k in enumerate(kernels):
+        if not prm[j, P["blur"]]:
+            assert k.tolist() == [1.0]
+            continue
+        w, sigma = int(prm[j, P["blur_window"]]), float(prm[j, P["blur_sigma"]])
+        assert len(k) == w and w % 2 == 1 and w <= desc.blur_kernel_size
+        impulse = torch.zeros(1, 31, 31, dtype=torch.float64)
+        impulse[0, 15, 15] = 1.0
+        response = TF.gaussian_blur(impulse, [w, w], [sigma, sigma])[0, 15 - w // 2:16 + w // 2, 15 - w // 2:16 + w // 2]
+        np.testing.assert_allclose(np.outer(k, k), response.numpy(), rtol=0, atol=1e-7)
 
 
 def test_uniforms_are_a_function_of_the_key_only():

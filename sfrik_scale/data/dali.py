@@ -418,7 +418,7 @@ class DaliTwoViewLoader(SamplerPositionMixin):
 
     def _prepare(self, epoch: int, indices: List[int]) -> _Batch:
         from sfrik_scale.data import mix_seed
-        from sfrik_scale.data.dali_ops import PARAMS1, PARAMS2, UNIFORMS_PER_VIEW, draw_view_params, sample_uniforms
+        from sfrik_scale.data.dali_ops import UNIFORMS_PER_VIEW, draw_view_params, sample_uniforms, view_feeds
 
         items = [self.source.get(i) for i in indices]
         heights = np.array([it[2] for it in items])
@@ -429,7 +429,7 @@ class DaliTwoViewLoader(SamplerPositionMixin):
         params1 = draw_view_params(self.desc1, u[:, :UNIFORMS_PER_VIEW], heights, widths)
         params2 = draw_view_params(self.desc2, u[:, UNIFORMS_PER_VIEW:], heights, widths)
         inputs = {ENCODED_INPUT if self.source.encoded else PIXELS_INPUT: [it[0] for it in items],
-                  PARAMS1: list(params1), PARAMS2: list(params2)}
+                  **view_feeds(self.desc1, params1, 1, self.device), **view_feeds(self.desc2, params2, 2, self.device)}
         labels = torch.tensor([it[1] for it in items], dtype=torch.long)
         return _Batch(list(indices), inputs, labels, [it[4] for it in items])
 
