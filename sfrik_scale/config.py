@@ -118,7 +118,8 @@ class LossConfig:
     scale: Optional[float] = _f(None, help=(
         "Alignment-uniformity kernel scale s in exp(-s |u - v|^2) (> 0). None: 2.5."))
     chunk_size: Optional[int] = _f(None, help=(
-        "Rows per Gram block in sfrik_scale.gram.kernel_mean (memory O(chunk x N)). "
+        "Kernel losses: rows per Gram block in sfrik_scale.gram.kernel_mean (memory O(chunk x N)). "
+        "vicreg: covariance columns per block (memory O(q x chunk), never q x q). "
         "None: a default chosen from the sizes."))
 
 

@@ -180,10 +180,11 @@ def test_sfrik_equals_slides_form_times_sim_over_q():
     assert float(loss_fn(z1, z2)["loss"]) == pytest.approx(4000.0 / q * float(slides), rel=1e-12)
 
 
-def test_vicreg_matches_official_formula_with_paper_coefficients_and_q_above_batch():
+@pytest.mark.parametrize("chunk_size", [None, 1, 5, 24, 100])
+def test_vicreg_matches_official_formula_with_paper_coefficients_and_q_above_batch(chunk_size):
     z1, z2 = views(10, 24, seed=6)  # q > N: rank-deficient covariance, every hinge active
     z1, z2 = 0.5 * z1, 0.5 * z2
-    values, g1, g2 = run_loss(VICRegLoss(), z1, z2)
+    values, g1, g2 = run_loss(VICRegLoss(chunk_size=chunk_size), z1, z2)  # blocks of 1, 5 (uneven), all
     z1r, z2r = z1.clone().requires_grad_(True), z2.clone().requires_grad_(True)
     ref = official_vicreg(z1r, z2r, 25.0, 25.0, 1.0)
     ref["loss"].backward()
@@ -191,6 +192,35 @@ def test_vicreg_matches_official_formula_with_paper_coefficients_and_q_above_bat
         assert values[key] == pytest.approx(float(ref[key].detach()), rel=1e-10), key
     np.testing.assert_allclose(g1, z1r.grad.numpy(), rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(g2, z2r.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_vicreg_never_holds_a_q_by_q_tensor():
+    """Forward and backward at q = 64 with blocks of 8 columns: no tensor of q x q elements appears."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+            return out
+
+    q, n = 64, 16
+    z1, z2 = views(n, q, seed=9)
+    z1.requires_grad_(True)
+    with Shapes() as rec:
+        VICRegLoss(chunk_size=8)(z1, z2)["loss"].backward()
+    assert rec.largest == 2 * n * q  # the stacked views; blocks are q x 8 = 512 < 2 n q = 2048 < q^2
+
+
+def test_vicreg_bad_chunk_size_is_refused():
+    with pytest.raises(ValueError, match="chunk_size"):
+        VICRegLoss(chunk_size=0)
 
 
 def test_sfrik_bf16_inputs_give_a_finite_loss_close_to_float64():
@@ -275,6 +305,7 @@ def _contract(rank: int, world: int) -> dict:
     rows = slice(rank * N_PER_RANK, (rank + 1) * N_PER_RANK)
     out = {name: run_loss(make_loss(name), z1[rows], z2[rows]) for name in NAMES}
     out["sfrik_chunked"] = run_loss(make_loss("sfrik", chunk_size=2), z1[rows], z2[rows])
+    out["vicreg_chunked"] = run_loss(make_loss("vicreg", chunk_size=3), z1[rows], z2[rows])  # uneven blocks
     return out
 
 
@@ -317,7 +348,7 @@ def launched(world: int) -> tuple:
 def test_distributed_contract_every_loss(world):
     results = [res["contract"] for res in launched(world)]
     z1, z2 = views(N_PER_RANK * world, Q, seed=100 + world)
-    for key in NAMES + ["sfrik_chunked"]:
+    for key in NAMES + ["sfrik_chunked", "vicreg_chunked"]:
         name = key.split("_chunked")[0]
         ref, ref_g1, ref_g2 = reference(name, z1, z2)
         local = LOSSES.get(name).local_components

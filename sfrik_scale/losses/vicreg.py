@@ -4,6 +4,13 @@ A. Bardes, J. Ponce, Y. LeCun, "VICReg: Variance-invariance-covariance regulariz
 self-supervised learning", ICLR 2022. Follows the official code (facebookresearch/vicreg,
 ``VICReg.forward`` in main_vicreg.py) term by term; it is the q x q baseline the SFRIK paper
 compares memory against.
+
+The covariance term never holds a q x q matrix: ``off_diagonal_covariance`` builds the
+global covariance C = X_c^T X_c / (N - 1) a block of columns at a time (all-reduced per
+block), adds the block's off-diagonal squares to the value and its contribution
+4 X_c C[:, block] / (N - 1) to the gradient, then drops the block. Memory O(q x block +
+n x q) instead of O(q^2); work and communication stay O(N q^2) and O(q^2), the method's
+inherent cost.
 """
 from __future__ import annotations
 
@@ -17,6 +24,62 @@ from .. import comm
 from ._common import check_coeff, check_q, compute_dtype, global_rows, validate_views
 
 
+_BLOCK_ELEMENTS = 1 << 25
+"""Default covariance block: 2^25 elements (128 MiB in fp32), e.g. 1024 columns at q = 32768."""
+
+
+def covariance_block_size(q: int, block_size: Optional[int] = None) -> int:
+    """Columns per covariance block: ``block_size`` (clipped to [1, q]) or the default budget."""
+    if block_size is None:
+        block_size = max(1, _BLOCK_ELEMENTS // q)
+    return max(1, min(q, int(block_size)))
+
+
+class _OffDiagonalCovariance(torch.autograd.Function):
+    """sum_{k != l} C_kl^2 of the global covariance C = sum_ranks X_c^T X_c / (N - 1), by column blocks.
+
+    The gradient is accumulated in the forward pass (no q x q tensor is kept for
+    backward): d/dX_c = 4 X_c C_off / (N - 1), times the world size (the losses'
+    gradient convention, as ``comm.all_reduce_sum``'s backward gives for the other terms).
+    """
+
+    @staticmethod
+    def forward(ctx, xc: torch.Tensor, total: int, block: int, group: comm.Group):  # type: ignore[override]
+        xc = xc.detach()
+        q = xc.shape[1]
+        world = comm.rank_and_world(group)[1]
+        grad = torch.empty_like(xc) if ctx.needs_input_grad[0] else None
+        value = xc.new_zeros((), dtype=torch.float64)
+        for start in range(0, q, block):
+            stop = min(start + block, q)
+            c = xc.T @ xc[:, start:stop]  # (q, b): columns start..stop of this rank's X_c^T X_c
+            comm.all_reduce_(c, group)
+            c.div_(total - 1)
+            c[start:stop].diagonal().zero_()  # C_kk of this block's columns
+            value += c.square().sum(dtype=torch.float64)
+            if grad is not None:
+                grad[:, start:stop] = xc @ c  # (X_c C_off)[:, block] = X_c C_off[:, block]
+        if grad is not None:
+            grad.mul_(4.0 * world / (total - 1))
+            ctx.save_for_backward(grad)
+        return value.to(xc.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_out, None, None, None
+
+
+def off_diagonal_covariance(xc: torch.Tensor, total: int, block_size: Optional[int] = None,
+                            group: comm.Group = None) -> torch.Tensor:
+    """Differentiable sum of the squared off-diagonal entries of the global covariance of ``xc``.
+
+    ``xc``: (n, q) this rank's rows, centred by the global mean; ``total``: N, the global
+    number of rows. The same value on every rank; memory O(q x block_size + n x q).
+    """
+    return _OffDiagonalCovariance.apply(xc, total, covariance_block_size(xc.shape[1], block_size), group)
+
+
 class VICRegLoss(nn.Module):
     """VICReg's loss on two views (Bardes et al., ICLR 2022), on raw (unnormalised) embeddings.
 
@@ -27,14 +90,17 @@ class VICRegLoss(nn.Module):
                      C(Z) = (Z - mean Z)^T (Z - mean Z) / (N - 1) over the global batch
         loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
 
-    Cost: two q x q covariance matrices (and their gradients) per rank, O(N q^2) work: at
-    q = 32768 one fp32 q x q matrix is 4.3 GB. That is the method's inherent cost and the
-    baseline SFRIK's N x N route avoids.
+    Cost: O(N q^2) work and an all-reduce of q^2 numbers per view, the method's inherent
+    cost, which SFRIK's N x N route avoids. Memory: the covariance is built a block of
+    ``chunk_size`` columns at a time (`off_diagonal_covariance`), so a rank holds
+    q x chunk_size + n x q numbers, never the q x q matrix (4.3 GB in fp32 at q = 32768;
+    the official code holds two, in fp16).
 
     Args:
         sim_coeff, std_coeff, cov_coeff: the weights (>= 0); the paper's 25, 25, 1.
         eps: added to the variance under the square root (> 0); the paper's 1e-4.
         q: if given, the embedding width the inputs must have (checked); None: any q >= 2.
+        chunk_size: covariance columns per block (None: 2^25 / q, 128 MiB in fp32).
         group: process group (None: the default group, or a single process).
 
     Shapes: z1, z2 (batch, q), raw projector outputs of this rank's shard, any float dtype
@@ -47,8 +113,8 @@ class VICRegLoss(nn.Module):
         Global (identical on every rank): "variance" and "covariance". Their statistics run
         over the global batch of N rows through ``comm.all_reduce_sum`` (differentiable;
         backward all-reduces the gradient): one all-reduce of the two views' column sums
-        (2, q), then one of the two views' local centred products X_c^T X_c (2, q, q) --
-        never a gathered N x q. Local: "invariance" (``F.mse_loss`` on this rank's shard, as
+        and sums of squares (4, q), then one per covariance block of the local centred
+        products X_c^T X_c[:, block] (q, chunk_size) -- never a gathered N x q, never a q x q. Local: "invariance" (``F.mse_loss`` on this rank's shard, as
         in the official code) and hence "loss"; their mean over ranks is the single-process
         value on the concatenated batch. Gradient convention: each rank's gradient on its
         shard, divided by world size, equals those rows of the single-process gradient on
@@ -65,13 +131,19 @@ class VICRegLoss(nn.Module):
     local_components: tuple[str, ...] = ("loss", "invariance")
 
     def __init__(self, sim_coeff: float = 25.0, std_coeff: float = 25.0, cov_coeff: float = 1.0,
-                 eps: float = 1e-4, q: Optional[int] = None, group: comm.Group = None) -> None:
+                 eps: float = 1e-4, q: Optional[int] = None, chunk_size: Optional[int] = None,
+                 group: comm.Group = None) -> None:
         super().__init__()
         self.sim_coeff = check_coeff("sim_coeff", sim_coeff)
         self.std_coeff = check_coeff("std_coeff", std_coeff)
         self.cov_coeff = check_coeff("cov_coeff", cov_coeff)
         self.eps = check_coeff("eps", eps, positive=True)
         self.q = check_q(q)
+        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size (covariance columns per block) must be a positive integer or None, "
+                             f"got {chunk_size!r}")
+        self.chunk_size = chunk_size
         self.group = group
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -89,14 +161,11 @@ class VICRegLoss(nn.Module):
         views = torch.stack([x, y])  # (2, n, q)
         mean = comm.all_reduce_sum(views.sum(dim=1), self.group) / total  # (2, q), global
         centred = views - mean.unsqueeze(1)
-        cov = comm.all_reduce_sum(centred.transpose(1, 2) @ centred, self.group) / (total - 1)  # (2, q, q)
-        var = torch.diagonal(cov, dim1=1, dim2=2)  # (2, q): the unbiased variance, as torch.var
+        var = comm.all_reduce_sum(centred.square().sum(dim=1), self.group) / (total - 1)  # (2, q), unbiased
         std = torch.sqrt(var + self.eps)
         variance = F.relu(1 - std).mean(dim=1).sum() / 2
-        # sum of off-diagonal squares = all squares - diagonal squares (no q x q mask needed);
-        # accumulated in float64 to keep the small off-diagonal part against the diagonal
-        off_diagonal = cov.square().sum(dtype=torch.float64) - var.square().sum(dtype=torch.float64)
-        covariance = off_diagonal.to(dtype) / q
+        covariance = (off_diagonal_covariance(centred[0], total, self.chunk_size, self.group)
+                      + off_diagonal_covariance(centred[1], total, self.chunk_size, self.group)) / q
 
         loss = self.sim_coeff * invariance + self.std_coeff * variance + self.cov_coeff * covariance
         return {"loss": loss, "invariance": invariance.detach(), "variance": variance.detach(),
@@ -104,4 +173,4 @@ class VICRegLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"sim_coeff={self.sim_coeff}, std_coeff={self.std_coeff}, cov_coeff={self.cov_coeff}, "
-                f"eps={self.eps}, q={self.q}")
+                f"eps={self.eps}, q={self.q}" + (f", chunk_size={self.chunk_size}" if self.chunk_size else ""))
