@@ -23,7 +23,7 @@ Emulated engines:
     the contiguous reduction bucket of ``reduce_bucket_size`` elements, the gradient
     partition) and stage 3 (partitioned parameters gathered per module around its forward
     and backward, persistent small parameters, the reduction bucket and the flat gradient
-    partition allocated at start-up). The optimiser is this project's LARS
+    partition allocated at start-up, DeepSpeed's memory-efficient ``F.linear``). The optimiser is this project's LARS
     (:mod:`sfrik_scale.optim`), stepped on the tensors the engine hands it (whole layers,
     or one flat partition with its layer map).
 
@@ -222,6 +222,9 @@ class DeepSpeedEngine(_Engine):
             self._setup_stage3()
         with tracker.category("optimizer_state"):  # steady state: the optimiser's state exists
             self._ensure_state(all_params=True)
+
+    def forward_context(self) -> contextlib.AbstractContextManager:
+        return _zero3_linear() if self.stage == 3 else contextlib.nullcontext()
 
     # ---------------------------------------------------------------- stage 0
     def _setup_stage0(self) -> None:
@@ -525,3 +528,23 @@ class DeepSpeedEngine(_Engine):
             self._stage12_step()
         else:
             self._stage3_step()
+
+
+@contextlib.contextmanager
+def _zero3_linear() -> Iterator[None]:
+    """``F.linear`` as a ZeRO-3 run has it: DeepSpeed's ``zero3_linear_wrap``.
+
+    DeepSpeed installs it for every stage-3 engine (``Init(module=...)`` when the model
+    was not built under ``deepspeed.zero.Init``, and it persists): its autograd function
+    saves the weight parameter itself, so a released (partitioned) weight frees its
+    gathered storage, where plain ``F.linear`` would keep it alive through a saved view.
+    """
+    import torch.nn.functional as F
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    original = F.linear
+    F.linear = zero3_linear_wrap
+    try:
+        yield
+    finally:
+        F.linear = original
