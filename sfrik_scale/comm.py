@@ -77,6 +77,14 @@ def all_reduce_(tensor: torch.Tensor, group: Group = None) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_async_(tensor: torch.Tensor, group: Group = None) -> Optional[Any]:
+    """Start an in-place SUM all-reduce; returns the work handle (``.wait()`` before reading
+    ``tensor``), or None without a process group (``tensor`` is already the result)."""
+    if not is_distributed(group):
+        return None
+    return _backend().all_reduce(tensor, group=group, async_op=True)
+
+
 def barrier(group: Group = None) -> None:
     """Wait for every rank (no-op without a process group)."""
     if is_distributed(group):

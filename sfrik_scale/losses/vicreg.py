@@ -41,6 +41,7 @@ class _OffDiagonalCovariance(torch.autograd.Function):
     The gradient is accumulated in the forward pass (no q x q tensor is kept for
     backward): d/dX_c = 4 X_c C_off / (N - 1), times the world size (the losses'
     gradient convention, as ``comm.all_reduce_sum``'s backward gives for the other terms).
+    Each block's all-reduce overlaps the next block's product: two blocks are live at once.
     """
 
     @staticmethod
@@ -50,15 +51,27 @@ class _OffDiagonalCovariance(torch.autograd.Function):
         world = comm.rank_and_world(group)[1]
         grad = torch.empty_like(xc) if ctx.needs_input_grad[0] else None
         value = xc.new_zeros((), dtype=torch.float64)
-        for start in range(0, q, block):
-            stop = min(start + block, q)
-            c = xc.T @ xc[:, start:stop]  # (q, b): columns start..stop of this rank's X_c^T X_c
-            comm.all_reduce_(c, group)
+
+        def finish(work, c: torch.Tensor, start: int, stop: int) -> None:
+            nonlocal value
+            if work is not None:  # the block's all-reduce
+                work.wait()
             c.div_(total - 1)
             c[start:stop].diagonal().zero_()  # C_kk of this block's columns
             value += c.square().sum(dtype=torch.float64)
             if grad is not None:
                 grad[:, start:stop] = xc @ c  # (X_c C_off)[:, block] = X_c C_off[:, block]
+
+        # Block k's all-reduce runs while block k + 1's product is computed (two blocks live).
+        pending = None
+        for start in range(0, q, block):
+            stop = min(start + block, q)
+            c = xc.T @ xc[:, start:stop]  # (q, b): columns start..stop of this rank's X_c^T X_c
+            work = comm.all_reduce_async_(c, group)
+            if pending is not None:
+                finish(*pending)
+            pending = (work, c, start, stop)
+        finish(*pending)
         if grad is not None:
             grad.mul_(4.0 * world / (total - 1))
             ctx.save_for_backward(grad)
@@ -75,7 +88,7 @@ def off_diagonal_covariance(xc: torch.Tensor, total: int, block_size: Optional[i
     """Differentiable sum of the squared off-diagonal entries of the global covariance of ``xc``.
 
     ``xc``: (n, q) this rank's rows, centred by the global mean; ``total``: N, the global
-    number of rows. The same value on every rank; memory O(q x block_size + n x q).
+    number of rows. The same value on every rank; memory O(2 q x block_size + n x q).
     """
     return _OffDiagonalCovariance.apply(xc, total, covariance_block_size(xc.shape[1], block_size), group)
 
