@@ -99,19 +99,12 @@ def _run_optimizer(cls, params, flags, grads, **kwargs) -> Dict[str, torch.Tenso
 # ----------------------------------------------------------------------------------------
 # Single-process behaviour.
 # ----------------------------------------------------------------------------------------
-def test_lars_matches_float64_reference_including_excluded_and_zero_norm_params():
+@pytest.mark.parametrize("name", ["lars", "lamb"])
+def test_optimizer_matches_float64_reference_including_excluded_and_zero_norm_params(name):
+    cls, reference, lr = {"lars": (optim.LARS, lars_reference, 2.0), "lamb": (optim.LAMB, lamb_reference, 0.05)}[name]
     params, flags, grads = _toy_problem()
-    got = _run_optimizer(optim.LARS, params, flags, grads, lr=2.0)
-    want = lars_reference(params, grads, flags, lr=2.0)
-    for n in params:
-        assert torch.isfinite(got[n]).all(), n
-        torch.testing.assert_close(got[n].double(), want[n], rtol=1e-5, atol=1e-6, msg=n)
-
-
-def test_lamb_matches_float64_reference_including_excluded_and_zero_norm_params():
-    params, flags, grads = _toy_problem()
-    got = _run_optimizer(optim.LAMB, params, flags, grads, lr=0.05)
-    want = lamb_reference(params, grads, flags, lr=0.05)
+    got = _run_optimizer(cls, params, flags, grads, lr=lr)
+    want = reference(params, grads, flags, lr=lr)
     for n in params:
         assert torch.isfinite(got[n]).all(), n
         torch.testing.assert_close(got[n].double(), want[n], rtol=1e-5, atol=1e-6, msg=n)

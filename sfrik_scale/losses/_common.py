@@ -62,6 +62,14 @@ def check_coeff(name: str, value: float, positive: bool = False) -> float:
     return value
 
 
+def check_chunk_size(chunk_size: Optional[int]) -> Optional[int]:
+    """None, or a positive integer (rows or columns per block), else a ValueError naming it."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+    return chunk_size
+
+
 def check_q(q: Optional[int]) -> Optional[int]:
     """None, or an integer q >= 2."""
     if q is None:

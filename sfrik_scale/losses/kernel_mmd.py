@@ -18,7 +18,7 @@ from torch import nn
 from .. import comm
 from ..gram import kernel_mean
 from ..kernels import Kernel
-from ._common import check_coeff, unit_rows, validate_views
+from ._common import check_chunk_size, check_coeff, unit_rows, validate_views
 
 
 class KernelMMDLoss(nn.Module):
@@ -73,9 +73,7 @@ class KernelMMDLoss(nn.Module):
         super().__init__()
         if not isinstance(kernel, Kernel):
             raise ValueError(f"kernel must be a sfrik_scale.kernels.Kernel, got {type(kernel).__name__}")
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        check_chunk_size(chunk_size)
         self.kernel = kernel
         self.q = kernel.q
         self.sim_coeff = check_coeff("sim_coeff", sim_coeff)

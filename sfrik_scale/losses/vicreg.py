@@ -7,10 +7,10 @@ compares memory against.
 
 The covariance term never holds a q x q matrix: ``off_diagonal_covariance`` builds the
 global covariance C = X_c^T X_c / (N - 1) a block of columns at a time (all-reduced per
-block), adds the block's off-diagonal squares to the value and its contribution
-4 X_c C[:, block] / (N - 1) to the gradient, then drops the block. Memory O(q x block +
-n x q) instead of O(q^2); work and communication stay O(N q^2) and O(q^2), the method's
-inherent cost.
+block, overlapping the next block's product), adds the block's off-diagonal squares to
+the value and its contribution 4 X_c C_off[:, block] / (N - 1) to the gradient, then drops
+the block. Memory O(2 q x block + n x q) instead of O(q^2); work and communication stay
+O(N q^2) and O(q^2), the method's inherent cost.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import comm
-from ._common import check_coeff, check_q, compute_dtype, global_rows, validate_views
+from ._common import check_chunk_size, check_coeff, check_q, compute_dtype, global_rows, validate_views
 
 
 _BLOCK_ELEMENTS = 1 << 25
@@ -106,7 +106,7 @@ class VICRegLoss(nn.Module):
     Cost: O(N q^2) work and an all-reduce of q^2 numbers per view, the method's inherent
     cost, which SFRIK's N x N route avoids. Memory: the covariance is built a block of
     ``chunk_size`` columns at a time (`off_diagonal_covariance`), so a rank holds
-    q x chunk_size + n x q numbers, never the q x q matrix (4.3 GB in fp32 at q = 32768;
+    2 q x chunk_size + n x q numbers, never the q x q matrix (4.3 GB in fp32 at q = 32768;
     the official code holds two, in fp16).
 
     Args:
@@ -126,8 +126,9 @@ class VICRegLoss(nn.Module):
         Global (identical on every rank): "variance" and "covariance". Their statistics run
         over the global batch of N rows through ``comm.all_reduce_sum`` (differentiable;
         backward all-reduces the gradient): one all-reduce of the two views' column sums
-        and sums of squares (4, q), then one per covariance block of the local centred
-        products X_c^T X_c[:, block] (q, chunk_size) -- never a gathered N x q, never a q x q. Local: "invariance" (``F.mse_loss`` on this rank's shard, as
+        (2, q), one of their centred sums of squares (2, q), then one per covariance block
+        of the local products X_c^T X_c[:, block] (q, chunk_size) -- never a gathered
+        N x q, never a q x q. Local: "invariance" (``F.mse_loss`` on this rank's shard, as
         in the official code) and hence "loss"; their mean over ranks is the single-process
         value on the concatenated batch. Gradient convention: each rank's gradient on its
         shard, divided by world size, equals those rows of the single-process gradient on
@@ -152,11 +153,7 @@ class VICRegLoss(nn.Module):
         self.cov_coeff = check_coeff("cov_coeff", cov_coeff)
         self.eps = check_coeff("eps", eps, positive=True)
         self.q = check_q(q)
-        if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size (covariance columns per block) must be a positive integer or None, "
-                             f"got {chunk_size!r}")
-        self.chunk_size = chunk_size
+        self.chunk_size = check_chunk_size(chunk_size)
         self.group = group
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
