@@ -148,10 +148,11 @@ class DataConfig:
         "same samples in the same order from the same view descriptions."))
     num_threads: int = _f(4, help="DALI CPU threads per rank (decoding and CPU augmentation); data.loader dali/auto.")
     num_workers: int = _f(1, help="Data-loading worker processes per rank (torchvision loader).")
-    augmentations: Literal["vicreg", "simclr", "alignment_uniformity"] = _f("alignment_uniformity", help=(
+    augmentations: Literal["vicreg", "simclr", "alignment_uniformity", "small"] = _f("alignment_uniformity", help=(
         "Two-view augmentation set (a sfrik_scale.data AUGMENTATIONS name): vicreg (the SFRIK paper's, "
         "ImageNet at 224 px), simclr, alignment_uniformity (Wang & Isola's small-image pipeline, used for "
-        "STL10 and the 32 px demo)."))
+        "STL10 and the 32 px demo), small (alignment_uniformity with crops of at least 30 % of the image: the "
+        "small_* recipes, images of 64 px or less)."))
     skip_bad_files: bool = _f(True, help=(
         "Replace unreadable or corrupt images by another sample (counted, and named in TensorBoard and "
         "summary.json) instead of failing; false stops at the first bad file, naming it."))

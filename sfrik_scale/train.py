@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 from . import comm
 from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
@@ -25,6 +24,7 @@ from .config import Config
 from .ds_config import build_ds_config
 from .gram import NonFiniteInputError
 from .health import RankHealth
+from .learning_health import LearningHealthWatch, embedding_health
 from .monitor import Monitor
 from .profiling.phases import NullProfiler, build_profiler
 from .topology import Topology
@@ -85,6 +85,9 @@ class Trainer:
         self.build_model()
         self.build_engine()
         self.monitor = Monitor(self.run_dir, topo.is_main, cfg.monitor.tensorboard, cfg.monitor.progress)
+        self.health_watch = LearningHealthWatch(
+            warmup_steps=int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)),
+            warn=lambda text: self.monitor.print(f"[bold yellow]warning:[/] {text}"))
         self.profiler = build_profiler(cfg, self.run_dir, topo.device, topo.is_main, self.monitor)
         self.profiler.attach(self.engine.module)
         from .eval.online import OnlineEvaluator
@@ -373,7 +376,9 @@ class Trainer:
             comps = torch.stack([torch.as_tensor(result["out"][k], dtype=torch.float64) for k in names])
             comm.all_reduce_(comps.to(self.topo.device))  # detached metrics: plain collective
             values.update({k: float(v) / self.topo.world_size for k, v in zip(names, comps.tolist())})
-            values.update(embedding_health(result["z1"].detach()))
+            health = embedding_health(result["z1"].detach(), result["z2"].detach())
+            values.update(health)
+            self.health_watch.check(st.step, health, batch=result["z1"].shape[0])
         grad_norm = eng.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = getattr(self, "_grad_norm", None)
@@ -535,20 +540,6 @@ def _is_communication_error(err: BaseException) -> bool:
 
 
 # ---------------------------------------------------------------------------- metrics helpers
-@torch.no_grad()
-def embedding_health(z: torch.Tensor) -> dict[str, float]:
-    """Collapse indicators on the local batch: mean per-dimension std of the normalised
-    embeddings (1/sqrt(q) when spread uniformly, 0 when collapsed) and the effective rank
-    (exp of the entropy of the Gram eigenvalues; from the n x n Gram, cheap at any q)."""
-    zn = F.normalize(z.float(), dim=1)
-    n, q = zn.shape
-    eig = torch.linalg.eigvalsh((zn @ zn.T).double() / n).clamp(min=0)
-    p = eig / eig.sum().clamp(min=1e-12)
-    entropy = -(p * torch.log(p.clamp(min=1e-30))).sum()
-    return {"embedding_std": float(zn.std(dim=0).mean()), "embedding_std_uniform": 1.0 / math.sqrt(q),
-            "effective_rank": float(torch.exp(entropy))}
-
-
 def peak_memory_mib(device: torch.device) -> float:
     """CUDA: the caching allocator's peak; CPU: the process's peak resident set size."""
     if device.type == "cuda":

@@ -1,6 +1,7 @@
 """Tests of sfrik_scale.data: synthetic data, two-view transforms, sharded sampling, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import gc
 import math
 import os
@@ -471,3 +472,25 @@ def test_file_list_missing_file_is_skipped_and_counted(tmp_path):
     (tmp_path / "list.txt").write_text("a/000.jpg 0\na/gone.jpg 1\na/001.jpg 0\n")
     ds = FileListDataset(tmp_path / "list.txt")
     assert ds[1][1] == 0 and list(ds.bad_files) == [str(tmp_path / "a" / "gone.jpg")]
+
+
+def test_small_images_are_evaluated_whole_and_large_ones_with_the_reference_border() -> None:
+    from sfrik_scale.data.transforms import build_eval_transform, eval_resize_size
+
+    assert eval_resize_size(224) == 256 and eval_resize_size(96) == 110
+    assert eval_resize_size(32) == 32 and eval_resize_size(64) == 64
+    img = Image.fromarray(np.arange(32 * 32 * 3, dtype=np.uint8).reshape(32, 32, 3) % 251)
+    out = build_eval_transform(32)(img)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    expected = (torch.from_numpy(np.array(img)).permute(2, 0, 1).float() / 255 - mean) / std
+    torch.testing.assert_close(out, expected)  # nothing cropped, nothing resampled
+
+
+def test_small_view_set_crops_at_least_thirty_percent() -> None:
+    from sfrik_scale.data.transforms import AUGMENTATIONS
+
+    v1, v2 = AUGMENTATIONS.get("small")(32)
+    au, _ = AUGMENTATIONS.get("alignment_uniformity")(32)
+    assert v1 == v2 and v1.crop_scale == (0.3, 1.0) and v1.size == 32
+    assert dataclasses.replace(v1, crop_scale=au.crop_scale) == au

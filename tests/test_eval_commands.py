@@ -37,7 +37,12 @@ def _data_args(out: Path) -> list[str]:
 def commands(run_dir: Path, out: Path, voc: Path) -> dict[str, list[str]]:
     """argv of every command, writing under ``out``."""
     return {
-        "linear": ["linear-eval", str(run_dir), "--epochs", "2", "--batch-size", str(BATCH), *_data_args(out / "linear")],
+        "linear": ["linear-eval", str(run_dir), "--protocol", "sgd", "--epochs", "2", "--batch-size", str(BATCH),
+                   *_data_args(out / "linear")],
+        "probe": ["linear-eval", str(run_dir), "--Cs", "0.1", "1", "10", *_data_args(out / "probe")],
+        "probe_pixels": ["linear-eval", str(run_dir), "--raw-pixels", "--Cs", "0.1", "1", *_data_args(out / "probe_pixels")],
+        "supervised": ["supervised", str(run_dir), "--epochs", "1", "--batch-size", str(BATCH),
+                       *_data_args(out / "supervised")],
         "knn": ["knn-eval", str(run_dir), "--k", "5", "20", *_data_args(out / "knn")],
         "finetune": ["finetune", str(run_dir), "--epochs", "1", "--batch-size", str(BATCH), "--label-fraction", "0.25",
                      *_data_args(out / "finetune")],
@@ -50,7 +55,7 @@ def run_commands(run_dir: Path, out: Path, voc: Path) -> dict:
     """Run every command; return the result files and the trained linear head."""
     for name, argv in commands(run_dir, out, voc).items():
         assert eval_cli.main(argv) == 0, name
-    results = {name: json.loads((out / name / "result.json").read_text()) for name in ("linear", "knn", "finetune", "svm")}
+    results = {name: json.loads((out / name / "result.json").read_text()) for name in commands(run_dir, out, voc)}
     head = torch.load(out / "linear" / "checkpoint.pt", weights_only=True)["model"]
     return {"results": results, "head": {k: v.numpy() for k, v in head.items()}, "out": out}
 
@@ -171,6 +176,38 @@ def test_linear_eval_on_two_processes_takes_the_single_process_steps(one_process
         one_process["results"]["linear"]["metrics"]["top1"], abs=100 / VAL_IMAGES)
 
 
+def test_feature_probe_defaults_at_small_sizes_and_validates_C(one_process):
+    r = one_process["results"]["probe"]
+    assert r["kind"] == "linear" and r["hyperparameters"]["protocol"] == "features"
+    assert r["hyperparameters"]["Cs"] == [0.1, 1.0, 10.0] and r["metrics"]["C"] in (0.1, 1.0, 10.0)
+    assert set(r["metrics"]["holdout_top1"]) == {"0.1", "1", "10"}
+    assert r["metrics"]["feature_dim"] == 128 and r["metrics"]["train_images"] == TRAIN_IMAGES  # tiny_cnn width
+    assert 0 <= r["metrics"]["top1"] <= r["metrics"]["top5"] <= 100
+    assert one_process["results"]["linear"]["hyperparameters"]["protocol"] == "sgd"
+    assert one_process["results"]["linear"]["hyperparameters"]["crop_scale"] == [0.5, 1.0]  # 32 px default
+
+
+def test_raw_pixel_probe_reads_the_flattened_input(one_process):
+    r = one_process["results"]["probe_pixels"]
+    assert r["source"]["raw_pixels"] and not r["source"]["random_init"]
+    assert r["metrics"]["feature_dim"] == 3 * 32 * 32
+
+
+def test_supervised_upper_bound_trains_a_random_init_backbone_end_to_end(one_process):
+    r = one_process["results"]["supervised"]
+    assert r["kind"] == "supervised" and r["source"]["random_init"] and r["source"]["tag"] is None
+    assert r["hyperparameters"]["finetune"] and r["hyperparameters"]["backbone_lr"] == 0.1
+    assert 0 <= r["metrics"]["top1"] <= 100 and r["metrics"]["epochs"] == 1
+
+
+@pytest.mark.distributed
+def test_feature_probe_on_two_processes_matches_one_process(one_process, two_processes):
+    one, two = one_process["results"]["probe"], two_processes["rank0"]["results"]["probe"]
+    assert two["world_size"] == 2 and two["metrics"]["C"] == one["metrics"]["C"]
+    assert two["metrics"]["top1"] == pytest.approx(one["metrics"]["top1"], abs=100 / VAL_IMAGES)
+    assert two["metrics"]["holdout_top1"] == pytest.approx(one["metrics"]["holdout_top1"], abs=100 / 13)  # 13 held out
+
+
 @pytest.mark.distributed
 def test_knn_eval_on_two_processes_matches_one_process(one_process, two_processes):
     one = one_process["results"]["knn"]["metrics"]["per_k"]
@@ -276,7 +313,7 @@ def test_online_evaluator_on_two_ranks_averages_heads_and_agrees_on_scores(two_p
     (["--crop-scale", "0.5", "0.1"], "--crop-scale must satisfy"),
 ])
 def test_bad_options_fail_with_one_clear_line(pretrain_run, tmp_path, capsys, clean_env, option, match):
-    argv = ["linear-eval", str(pretrain_run), *option, "--no-progress", "--out", str(tmp_path / "o")]
+    argv = ["linear-eval", str(pretrain_run), "--protocol", "sgd", *option, "--no-progress", "--out", str(tmp_path / "o")]
     assert eval_cli.main(argv) == 2
     err = capsys.readouterr().err
     assert match in err and "Traceback" not in err

@@ -68,3 +68,57 @@ def test_collect_results_walks_folders_and_refuses_foreign_json(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no result.json"):
         collect_results([tmp_path / "empty"])
+
+
+def with_protocol(r, protocol):
+    r["hyperparameters"] = {"protocol": protocol}
+    return r
+
+
+def pixels(**metrics):
+    r = with_protocol(result("linear", run="/runs/b", random=True, **metrics), "features")
+    r["source"].update(random_init=False, raw_pixels=True)
+    return r
+
+
+BASELINES = [
+    result("supervised", run="/runs/a", random=True, top1=99.0, top5=100.0, best_top1=99.2, best_top5=100.0),
+    with_protocol(result("linear", random=True, top1=90.0, top5=99.0, best_top1=90.0, best_top5=99.0), "features"),
+    pixels(top1=97.0, top5=100.0, best_top1=97.0, best_top5=100.0),
+    with_protocol(result("linear", top1=98.5, top5=100.0, best_top1=98.5, best_top5=100.0), "features"),
+    result("knn", top1=98.0, top5=100.0),
+]
+
+
+def test_baselines_follow_the_methods_and_the_supervised_accuracy_fills_the_classification_columns():
+    columns, rows = build_table(BASELINES)
+    assert columns == ["method", "q", "L", "epochs", "probe top-1", "linear top-1", "linear top-5", "kNN top-1"]
+    assert [r[0] for r in rows] == ["SFRIK", "raw pixels", "random init (resnet50)", "supervised (resnet50)"]
+    assert rows[0][4:] == ["98.50", "-", "-", "98.00"]
+    assert rows[1][1:5] == ["-", "-", "-", "97.00"]
+    assert rows[3][4:7] == ["99.20", "99.20", "100.00"]
+
+
+def test_merge_seeds_gives_mean_and_sd_per_configuration():
+    runs = []
+    for seed, (probe, knn) in enumerate([(98.0, 97.0), (99.0, 98.0), (98.5, 99.0)]):
+        run = f"/runs/s{seed}"
+        for r in (with_protocol(result("linear", run=run, top1=probe, best_top1=probe), "features"),
+                  result("knn", run=run, top1=knn)):
+            r["source"]["pretrain"]["seed"] = seed
+            runs.append(r)
+    other = with_protocol(result("linear", run="/runs/v", method="vicreg", L=None, top1=97.0, best_top1=97.0),
+                          "features")
+    columns, rows = build_table(runs + [other], merge_seeds=True)
+    assert len(rows) == 2
+    assert rows[0][4] == "98.50 ± 0.50 (3)" and rows[0][-1] == "98.00 ± 1.00 (3)"
+    assert rows[1][0] == "VICReg" and rows[1][4] == "97.00"
+
+
+def test_transpose_puts_methods_in_columns():
+    from sfrik_scale.eval.report import transpose
+
+    columns, rows = transpose(*build_table(BASELINES))
+    assert columns == ["metric", "SFRIK L = 3", "raw pixels", "random init (resnet50)", "supervised (resnet50)"]
+    assert [r[0] for r in rows] == ["q", "epochs", "probe top-1", "linear top-1", "linear top-5", "kNN top-1"]
+    assert rows[2] == ["probe top-1", "98.50", "97.00", "90.00", "99.20"]

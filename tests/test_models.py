@@ -259,3 +259,17 @@ def test_fp32_batchnorm_matches_an_fp32_reference_and_keeps_low_precision_inputs
     torch.testing.assert_close(xl.grad.float(), xr.grad, atol=tol, rtol=tol)
     torch.testing.assert_close(low.running_mean, ref.running_mean)
     torch.testing.assert_close(low.running_var, ref.running_var)
+
+
+def test_small_resnet_keeps_small_images_large_enough_and_reports_its_width() -> None:
+    from sfrik_scale.models import SmallResNet
+
+    backbone, feature_dim = build_backbone("small_resnet")
+    assert isinstance(backbone, SmallResNet) and feature_dim == 128
+    assert backbone.stem[0].kernel_size == (3, 3) and not any(isinstance(m, nn.MaxPool2d) for m in backbone.modules())
+    x = torch.randn(2, 3, 32, 32)
+    maps = backbone.stages(backbone.stem(x))
+    assert maps.shape == (2, 128, 4, 4)  # 32 -> 16 (stem) -> 16 -> 8 -> 4
+    assert backbone(x).shape == (2, 128)
+    with pytest.raises(ValueError, match="equal length"):
+        SmallResNet(widths=(8, 16), blocks=(1,))

@@ -118,7 +118,7 @@ def build_dataset(name: str = "synthetic", **kwargs: Any) -> Dataset:
 
 
 def build_eval_dataset(name: str = "synthetic", *, image_size: int = 32, split: str = "val", **kwargs: Any) -> Dataset:
-    """``(image float32 (3, S, S), label)`` through `build_eval_transform` (resize 256/224 x S, center crop S)."""
+    """``(image float32 (3, S, S), label)`` through `build_eval_transform` (resize to eval_resize_size(S): 256/224 x S, or S up to 64 px; center crop S)."""
     base = build_dataset(name, image_size=image_size, split=split, **kwargs)
     return TransformedDataset(base, build_eval_transform(image_size))
 

@@ -528,7 +528,7 @@ def build_dali_loader(
 class DaliEvalLoader:
     """Yields ``(images (B, 3, S, S) float32, labels (B,) int64)`` in sampler order, the last batch smaller.
 
-    Resize 256/224 x S, centre crop S, normalise (``dali_ops.build_eval_pipeline``).
+    Resize to eval_resize_size(S) (256/224 x S; S itself up to 64 px), centre crop S, normalise (``dali_ops.build_eval_pipeline``).
     ``sharded_sampler`` is unshuffled and pads to a multiple of the world size
     (``drop_last=False``); ``bad_files`` as for training.
     """

@@ -50,7 +50,7 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.pipeline import Pipeline
 
-from sfrik_scale.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ViewAugmentation
+from sfrik_scale.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ViewAugmentation, eval_resize_size
 
 # ---------------------------------------------------------------------------------
 # Per-sample random parameters (numpy, vectorised over the batch).
@@ -391,11 +391,12 @@ def build_two_view_pipeline(desc1: ViewAugmentation, desc2: ViewAugmentation, *,
 def build_eval_pipeline(image_size: int, *, encoded: bool, device: str, batch_size: int, num_threads: int,
                         device_id: Optional[int] = None, mean: Sequence[float] = IMAGENET_MEAN,
                         std: Sequence[float] = IMAGENET_STD) -> Pipeline:
-    """Resize the short side to 256/224 x ``image_size`` (bilinear, antialiased), centre crop, normalise.
+    """Resize the short side to ``eval_resize_size(image_size)`` (bilinear, antialiased), centre crop,
+    normalise.
 
     The same geometry as ``sfrik_scale.data.build_eval_transform``; output (B, 3, S, S) float32.
     """
-    resize = int(math.floor(image_size * 256 / 224 + 0.5))
+    resize = eval_resize_size(image_size)
     factory = pipeline_def(_eval_graph)
     pipe = factory(image_size, resize, tuple(mean), tuple(std), encoded, device,
                    **_pipeline_kwargs(batch_size, num_threads, device, device_id, 0))

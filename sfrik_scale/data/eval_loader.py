@@ -1,4 +1,4 @@
-"""Evaluation loaders (resize 256/224 x S, centre crop S, no augmentation) on torchvision or DALI.
+"""Evaluation loaders (resize to `eval_resize_size(S)`, centre crop S, no augmentation) on torchvision or DALI.
 
 ``build_eval_loader(dataset, batch_size=..., image_size=..., backend=...)`` takes an
 ``(image, label)`` dataset (``build_dataset(..., split="val")``, an ImageFolderDataset,

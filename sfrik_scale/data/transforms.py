@@ -30,6 +30,8 @@ Named sets (`AUGMENTATIONS`, ``build_two_view_transform(name, image_size)``):
   solarisation. (Their ImageNet-100 runs used the MoCo codebase, whose crop scale is
   (0.2, 1); SFRIK's own ImageNet comparison trains the alignment-uniformity loss with
   the VICReg augmentations, i.e. the "sfrik" set.) We keep the ImageNet normalisation.
+- "small": the small-image recipes' set (``small_*``, images of 64 px or less): the
+  alignment-uniformity set with RandomResizedCrop scale (0.3, 1).
 """
 from __future__ import annotations
 
@@ -348,22 +350,49 @@ def _alignment_uniformity(image_size: int) -> Tuple[ViewAugmentation, ViewAugmen
     return view, view
 
 
+@AUGMENTATIONS.register("small")
+def _small(image_size: int) -> Tuple[ViewAugmentation, ViewAugmentation]:
+    """The small-image recipes' views (images of 64 px or less): Wang & Isola's set with crops of
+    at least 30 % of the image instead of 8 %. At 32 px an 8 % crop is a 9 px patch upsampled
+    3.5x: the two views of a digit often share no stroke, and their invariance cannot be
+    learned (docs/evaluation.md, "Why the first digits runs learned little")."""
+    view = dataclasses.replace(_alignment_uniformity(image_size)[0], crop_scale=(0.3, 1.0))
+    return view, view
+
+
 def build_two_view_transform(name: str, image_size: int) -> TwoViewTransform:
     """The named augmentation set (see `AUGMENTATIONS`) at ``image_size`` px."""
     desc1, desc2 = AUGMENTATIONS.get(name)(image_size)
     return TwoViewTransform(desc1, desc2)
 
 
+#: Images evaluated at this side or smaller are taken whole (resize to the side, no border crop).
+SMALL_IMAGE_SIZE = 64
+
+
+def eval_resize_size(image_size: int) -> int:
+    """Short side the evaluation transform resizes to before its centre crop of ``image_size``.
+
+    ImageNet-sized inputs: 256/224 x size (256 at 224), the VICReg / SFRIK evaluation
+    geometry, which trims a border of ~6 % per side. Small images (side <= `SMALL_IMAGE_SIZE`):
+    the size itself, so nothing is cropped, as CIFAR/STL evaluations do; the pretraining
+    views of these recipes cover up to the whole image, and trimming the border of a 32 px
+    digit cut off its strokes (docs/evaluation.md, "Why the first digits runs learned little").
+    """
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    return image_size if image_size <= SMALL_IMAGE_SIZE else int(math.floor(image_size * 256 / 224 + 0.5))
+
+
 def build_eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
                          std: Sequence[float] = IMAGENET_STD) -> T.Compose:
-    """Evaluation transform: resize the short side to 256/224 x size (256 at 224), center crop, normalise.
+    """Evaluation transform: resize the short side to `eval_resize_size` (256 at 224; the
+    size itself up to 64 px), center crop, normalise.
 
     Output: float32 (3, image_size, image_size). Bilinear resize, as in the VICReg and
     SFRIK evaluation scripts (torchvision's default).
     """
-    if image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}")
-    resize = int(math.floor(image_size * 256 / 224 + 0.5))
+    resize = eval_resize_size(image_size)
     return T.Compose([
         T.Resize(resize, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
         T.CenterCrop(image_size),
@@ -375,5 +404,5 @@ def build_eval_transform(image_size: int, mean: Sequence[float] = IMAGENET_MEAN,
 __all__: List[str] = [
     "IMAGENET_MEAN", "IMAGENET_STD", "ViewAugmentation", "VIEW_OPS", "AUGMENTATIONS",
     "TwoViewTransform", "build_view_transform", "build_two_view_transform", "build_eval_transform",
-    "blur_kernel_size", "RandomGaussianBlur", "RandomSolarize", "ToUint8Tensor", "ToNormalizedFloat",
+    "blur_kernel_size", "eval_resize_size", "SMALL_IMAGE_SIZE", "RandomGaussianBlur", "RandomSolarize", "ToUint8Tensor", "ToNormalizedFloat",
 ]

@@ -5,7 +5,7 @@ Recipes (VICReg / SFRIK evaluation scripts; the defaults of the commands):
   its pretraining statistics); a linear head initialised N(0, 0.01) with zero bias is
   trained with SGD (momentum 0.9), cosine decay over 100 epochs (per epoch, to 0), batch
   256, lr 0.4 (VICReg's recipe uses 0.02: ``--lr 0.02``), weight decay 1e-6. Training crops
-  RandomResizedCrop + horizontal flip; validation resize 256/224 x size + center crop.
+  RandomResizedCrop + horizontal flip; validation resize 256/224 x size (whole image up to 64 px) + center crop.
 - ``sfrik-scale finetune``: the backbone is trained too, in train mode; 20 epochs, batch
   256, weight decay 0; with 1 % of the labels backbone lr 0.004 and head lr 1.0, with 10 %
   0.02 and 0.1 (`finetune_learning_rates`).
@@ -132,10 +132,12 @@ class Classifier(nn.Module):
 class ClassifierTraining:
     """``ClassifierTraining(setup, hp).run()`` trains, validates, checkpoints and writes the result."""
 
-    def __init__(self, setup: EvalSetup, hp: ClassifierHParams, resume: bool = True) -> None:
+    def __init__(self, setup: EvalSetup, hp: ClassifierHParams, resume: bool = True,
+                 kind: Optional[str] = None) -> None:
         hp.check(setup.topo.world_size)
         self.s, self.hp, self.resume_enabled = setup, hp, resume
-        self.kind = "finetune" if hp.finetune else "linear"
+        # "supervised": fine-tuning from a random initialisation on all labels (the upper bound)
+        self.kind = kind or ("finetune" if hp.finetune else "linear")
         self.epoch = 0
         self.history: list[dict] = []
         self.best = {"top1": None, "top5": None, "epoch": None}
@@ -279,7 +281,10 @@ class ClassifierTraining:
             self.epoch = epoch + 1
             save_state(self.checkpoint_path, self.state_dict(), s.topo)
         last = next((r for r in reversed(self.history) if "top1" in r), {})
-        result = base_result(self.kind, s.topo, s.source.to_dict(), s.data, asdict(self.hp))
+        hyper = asdict(self.hp)
+        if self.kind == "linear":
+            hyper["protocol"] = "sgd"
+        result = base_result(self.kind, s.topo, s.source.to_dict(), s.data, hyper)
         result["metrics"] = {"top1": last.get("top1"), "top5": last.get("top5"),
                              "best_top1": self.best["top1"], "best_top5": self.best["top5"],
                              "best_epoch": self.best["epoch"], "epochs": self.epoch}

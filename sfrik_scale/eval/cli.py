@@ -1,7 +1,11 @@
 """Evaluation commands: ``linear-eval``, ``knn-eval``, ``finetune``, ``svm-eval``, ``report``.
 
-    sfrik-scale linear-eval runs/demo                        # frozen backbone, linear head, 100 epochs
+    sfrik-scale linear-eval runs/demo                        # frozen features + logistic regression (<= 64 px)
+    sfrik-scale linear-eval runs/in1k --protocol sgd        # augmented SGD probe, 100 epochs (> 64 px default)
     sfrik-scale knn-eval runs/demo --k 10 20 100 200
+    sfrik-scale linear-eval runs/demo --raw-pixels           # baselines: the flattened input,
+    sfrik-scale linear-eval runs/demo --random-init          # the architecture with random weights,
+    sfrik-scale supervised runs/demo                         # and the same backbone trained with labels
     sfrik-scale finetune runs/demo --label-fraction 0.01    # semi-supervised, 1 % recipe
     sfrik-scale linear-eval runs/in1k --dataset image_folder --train-data /data/places205/train \\
         --val-data /data/places205/val --benchmark places205  # transfer
@@ -25,19 +29,24 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-COMMANDS = ("linear-eval", "knn-eval", "finetune", "svm-eval", "report")
+COMMANDS = ("linear-eval", "knn-eval", "finetune", "supervised", "svm-eval", "report")
 
 
 # ----------------------------------------------------------------------------------------
 # Argument groups
 # ----------------------------------------------------------------------------------------
-def _source_args(p: argparse.ArgumentParser) -> None:
+def _source_args(p: argparse.ArgumentParser, raw_pixels: bool = False, random_init: bool = True) -> None:
     g = p.add_argument_group("weights")
     g.add_argument("source", help="pretraining run directory, export directory, or backbone.pt")
     g.add_argument("--tag", default=None, help="checkpoint tag of a run (default: the latest complete one)")
     g.add_argument("--backbone", default=None, help="architecture name, when the source does not say")
+    if not random_init:
+        return
     g.add_argument("--random-init", action="store_true",
                    help="ignore the weights: a randomly initialised backbone of the same architecture (baseline)")
+    if raw_pixels:
+        g.add_argument("--raw-pixels", action="store_true",
+                       help="no network: the flattened input image at the evaluation resolution (baseline)")
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -64,11 +73,20 @@ def _subset_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--subset-seed", type=int, default=0, help="seed of the generated subset (0)")
 
 
+def default_workers() -> int:
+    """4 data-loading workers, or fewer when this process may use fewer CPUs (no oversubscription warning)."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(4, cpus))
+
+
 def _runtime_args(p: argparse.ArgumentParser, batch_help: str = "global batch size (256)") -> None:
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output folder (default: SOURCE/eval/<command>-<benchmark>...)")
     g.add_argument("--batch-size", type=int, default=256, help=batch_help)
-    g.add_argument("--workers", type=int, default=4, help="data-loading workers per process (4)")
+    g.add_argument("--workers", type=int, default=default_workers(),
+                   help="data-loading workers per process (default: 4, at most the CPUs this process may use)")
     g.add_argument("--seed", type=int, default=0, help="seed of the head, shuffling and augmentations (0)")
     g.add_argument("--no-resume", dest="resume", action="store_false", help="start over, ignoring saved state")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -81,8 +99,8 @@ def _classifier_args(p: argparse.ArgumentParser, epochs: int, weight_decay: floa
     g.add_argument("--epochs", type=int, default=epochs, help=f"epochs ({epochs})")
     g.add_argument("--weight-decay", type=float, default=weight_decay, help=f"weight decay ({weight_decay:g})")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (0.9)")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("LOW", "HIGH"),
-                   help="RandomResizedCrop area range of the training crops (0.08 1.0)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="RandomResizedCrop area range of the training crops (0.08 1.0; 0.5 1.0 up to 64 px)")
     g.add_argument("--eval-every", type=int, default=1, help="validate every k epochs, and after the last (1)")
     g.add_argument("--eval-batch-size", type=int, default=256, help="validation batch per process (256)")
 
@@ -90,18 +108,28 @@ def _classifier_args(p: argparse.ArgumentParser, epochs: int, weight_decay: floa
 def add_commands(subparsers) -> None:
     fmt = argparse.HelpFormatter
     lin = subparsers.add_parser("linear-eval", help="linear probe on a frozen backbone (also transfer)",
-                                description=_doc("classifier"), formatter_class=fmt)
-    _source_args(lin)
+                                description=_doc("linear"), formatter_class=fmt)
+    _source_args(lin, raw_pixels=True)
     _data_args(lin)
     _subset_args(lin)
+    g = lin.add_argument_group("protocol")
+    g.add_argument("--protocol", choices=("features", "sgd"), default=None,
+                   help="features: frozen features once + logistic regression with validated C (default up to "
+                        "64 px); sgd: augmented SGD training of a linear head (default above)")
+    g.add_argument("--Cs", type=float, nargs="+", default=None, metavar="C",
+                   help="features: inverse L2 strengths tried (default 0.001 ... 100, log-spaced)")
+    g.add_argument("--holdout", type=float, default=None,
+                   help="features: fraction of the training images that chooses C (0.2)")
+    g.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="features: do not cache the features in OUT/cache")
     _classifier_args(lin, epochs=100, weight_decay=1e-6)
-    lin.add_argument("--lr", type=float, default=0.4, help="head learning rate (0.4; VICReg's recipe: 0.02)")
+    lin.add_argument("--lr", type=float, default=0.4, help="sgd: head learning rate (0.4; VICReg's recipe: 0.02)")
     _runtime_args(lin)
     lin.set_defaults(handler=main_linear)
 
     knn = subparsers.add_parser("knn-eval", help="weighted kNN on frozen features",
                                 description=_doc("knn"), formatter_class=fmt)
-    _source_args(knn)
+    _source_args(knn, raw_pixels=True)
     _data_args(knn)
     _subset_args(knn)
     knn.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200], help="neighbour counts (10 20 100 200)")
@@ -122,6 +150,17 @@ def add_commands(subparsers) -> None:
                     help="head lr (default: 1.0 with <= 3 %% of the labels, else 0.1)")
     _runtime_args(ft)
     ft.set_defaults(handler=main_finetune)
+
+    sup = subparsers.add_parser("supervised", help="the upper bound: the same backbone trained with all labels",
+                                description=_doc("supervised"), formatter_class=fmt)
+    _source_args(sup, random_init=False)
+    _data_args(sup)
+    _subset_args(sup)
+    _classifier_args(sup, epochs=SUPERVISED_EPOCHS, weight_decay=SUPERVISED_WEIGHT_DECAY)
+    sup.add_argument("--lr", type=float, default=SUPERVISED_LR,
+                     help=f"learning rate of the backbone and the head ({SUPERVISED_LR:g})")
+    _runtime_args(sup)
+    sup.set_defaults(handler=main_supervised, random_init=True)
 
     svm = subparsers.add_parser("svm-eval", help="VOC07-style per-class linear SVMs on frozen features (mAP)",
                                 description=_doc("svm"), formatter_class=fmt)
@@ -149,10 +188,26 @@ def add_commands(subparsers) -> None:
     rep.add_argument("paths", nargs="+", help="result.json files, their folders, or run directories")
     rep.add_argument("--out", default=None, help="also write the Markdown table to this file")
     rep.add_argument("--metric", choices=("best", "last"), default="best", help="best or last-epoch accuracy")
+    rep.add_argument("--merge-seeds", action="store_true",
+                     help="one row per configuration: mean ± sd over runs that differ only by their seed")
+    rep.add_argument("--transpose", action="store_true", help="methods as columns, metrics as rows (the paper's layout)")
     rep.set_defaults(handler=main_report)
 
 
+#: The supervised upper bound's recipe: SGD momentum 0.9, cosine per epoch, batch 256.
+SUPERVISED_EPOCHS, SUPERVISED_LR, SUPERVISED_WEIGHT_DECAY = 50, 0.1, 5e-4
+
 _DESCRIPTIONS = {
+    "linear": "Linear probe on the frozen backbone. --protocol features (the default up to 64 px): features "
+              "extracted once (eval transform, cached), a multinomial logistic regression on standardised features "
+              "whose C is chosen on 20 % of the training images, refitted on all; seconds on a CPU. --protocol sgd "
+              "(the default above 64 px): a linear head N(0, 0.01) trained with SGD momentum 0.9, cosine, batch "
+              "256, lr 0.4, wd 1e-6, 100 epochs on augmented crops. --raw-pixels / --random-init give the "
+              "baselines. Data parallel; top-1/top-5 in OUT/result.json. See docs/evaluation.md.",
+    "supervised": "The supervised upper bound of the comparison table: the source's backbone architecture, "
+                  "randomly initialised, trained end to end with a linear head on all training labels (SGD "
+                  "momentum 0.9, cosine, batch 256, lr 0.1, wd 5e-4, 50 epochs, the classifiers' crops and flips). "
+                  "Top-1/top-5 on the val split in OUT/result.json (kind 'supervised').",
     "classifier": "Linear probe (frozen backbone in eval mode, linear head N(0, 0.01), SGD momentum 0.9, cosine, "
                   "batch 256, lr 0.4, wd 1e-6, 100 epochs) or semi-supervised fine-tuning (20 epochs, wd 0, "
                   "backbone/head lr 0.004/1.0 with 1 % of the labels, 0.02/0.1 with 10 %). Data parallel over "
@@ -166,7 +221,8 @@ _DESCRIPTIONS = {
            "(lines 'path v1 ... vC', values 1 present / -1 absent / 0 difficult). See docs/evaluation.md.",
     "report": "Collect result.json files (or folders holding them, e.g. run directories) into the comparison table "
               "(method, q, L, epochs, linear top-1/top-5, kNN, semi-supervised, transfer); Markdown on stdout, "
-              "a rich table on stderr.",
+              "a rich table on stderr. Baselines (raw pixels, random init, supervised) come last; --merge-seeds "
+              "gives mean ± sd over seeds, --transpose the paper's layout (methods as columns).",
 }
 
 
@@ -180,7 +236,8 @@ def _doc(name: str) -> str:
 def _source(args):
     from .source import resolve_source
 
-    return resolve_source(args.source, tag=args.tag, backbone=args.backbone, random_init=args.random_init)
+    return resolve_source(args.source, tag=args.tag, backbone=args.backbone, random_init=args.random_init,
+                          raw_pixels=getattr(args, "raw_pixels", False))
 
 
 def _data_spec(args, pretrain: dict):
@@ -220,7 +277,7 @@ def _subset_tag(subset) -> Optional[str]:
     return None
 
 
-def _setup(kind: str, args, need_val: bool = True, header: tuple = ()):
+def _setup(kind: str, args, need_val: bool = True, header: tuple = (), out_kind: Optional[str] = None):
     from .common import default_out_dir, eval_topology
     from .session import prepare
 
@@ -230,24 +287,79 @@ def _setup(kind: str, args, need_val: bool = True, header: tuple = ()):
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     benchmark = args.benchmark or spec.benchmark_name()
-    extra = "-".join(x for x in (_subset_tag(subset), "random" if args.random_init else None) if x) or None
-    out = Path(args.out) if args.out else default_out_dir(args.source, kind, benchmark, extra)
+    baseline = "pixels" if getattr(args, "raw_pixels", False) else \
+        "random" if args.random_init and kind != "supervised" else None
+    extra = "-".join(x for x in (_subset_tag(subset), baseline) if x) or None
+    out = Path(args.out) if args.out else default_out_dir(args.source, out_kind or kind, benchmark, extra)
     topo = eval_topology(args.local_rank)
     return prepare(kind, source, spec, out, topo, subset=subset, seed=args.seed, progress=args.progress,
                    tensorboard=args.tensorboard, benchmark=benchmark, need_val=need_val, header=header)
 
 
+def _image_size(args) -> int:
+    """The evaluation image size before the source is opened: --image-size, else the run's, else 224."""
+    if args.image_size:
+        return args.image_size
+    return _source(args).pretrain.get("image_size") or 224
+
+
+def _crop_scale(args, image_size: int) -> tuple:
+    from .data import default_crop_scale
+
+    return tuple(args.crop_scale) if args.crop_scale is not None else default_crop_scale(image_size)
+
+
 def main_linear(args, extra: Sequence[str] = ()) -> int:
+    from ..data.transforms import SMALL_IMAGE_SIZE
+
+    image_size = _image_size(args)
+    protocol = args.protocol or ("features" if image_size <= SMALL_IMAGE_SIZE else "sgd")
+    if protocol == "features":
+        return _linear_features(args)
+    if args.Cs is not None or args.holdout is not None:
+        raise ValueError("--Cs and --holdout belong to --protocol features")
     from .classifier import ClassifierHParams, ClassifierTraining
 
     hp = ClassifierHParams(epochs=args.epochs, head_lr=args.lr, weight_decay=args.weight_decay, finetune=False,
-                           batch_size=args.batch_size, momentum=args.momentum, crop_scale=tuple(args.crop_scale),
-                           seed=args.seed, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
-                           num_workers=args.workers)
+                           batch_size=args.batch_size, momentum=args.momentum,
+                           crop_scale=_crop_scale(args, image_size), seed=args.seed, eval_every=args.eval_every,
+                           eval_batch_size=args.eval_batch_size, num_workers=args.workers)
     hp.check(1)
-    setup = _setup("linear", args, header=(("recipe", f"{hp.epochs} epochs, batch {hp.batch_size}, lr {hp.head_lr:g}, "
-                                                      f"wd {hp.weight_decay:g}, SGD momentum {hp.momentum:g}, cosine"),))
+    setup = _setup("linear", args, header=(("recipe", f"SGD probe: {hp.epochs} epochs, batch {hp.batch_size}, "
+                                                      f"lr {hp.head_lr:g}, wd {hp.weight_decay:g}, SGD momentum "
+                                                      f"{hp.momentum:g}, cosine, crops {list(hp.crop_scale)}"),))
     ClassifierTraining(setup, hp, resume=args.resume).run()
+    return 0
+
+
+def _linear_features(args) -> int:
+    from .probe import DEFAULT_CS, DEFAULT_HOLDOUT, run_feature_probe
+
+    Cs = args.Cs if args.Cs is not None else list(DEFAULT_CS)
+    holdout = args.holdout if args.holdout is not None else DEFAULT_HOLDOUT
+    if min(Cs) <= 0 or not 0 < holdout < 1 or args.batch_size < 1:
+        raise ValueError(f"--Cs must be > 0 (got {Cs}), --holdout in (0, 1) (got {holdout}), --batch-size >= 1")
+    setup = _setup("linear", args, out_kind="linear-features",
+                   header=(("recipe", f"frozen features + logistic regression, C from {min(Cs):g} to {max(Cs):g} "
+                                      f"chosen on {holdout:.0%} of the training images"),))
+    run_feature_probe(setup, batch_size=args.batch_size, num_workers=args.workers, cache=args.cache and args.resume,
+                      Cs=Cs, holdout=holdout, seed=args.seed)
+    return 0
+
+
+def main_supervised(args, extra: Sequence[str] = ()) -> int:
+    from .classifier import ClassifierHParams, ClassifierTraining
+
+    image_size = _image_size(args)
+    hp = ClassifierHParams(epochs=args.epochs, finetune=True, weight_decay=args.weight_decay, backbone_lr=args.lr,
+                           head_lr=args.lr, batch_size=args.batch_size, momentum=args.momentum,
+                           crop_scale=_crop_scale(args, image_size), seed=args.seed, eval_every=args.eval_every,
+                           eval_batch_size=args.eval_batch_size, num_workers=args.workers)
+    hp.check(1)
+    setup = _setup("supervised", args, header=(("recipe", f"supervised from scratch: {hp.epochs} epochs, batch "
+                                                          f"{hp.batch_size}, lr {hp.head_lr:g}, wd {hp.weight_decay:g}, "
+                                                          f"crops {list(hp.crop_scale)}"),))
+    ClassifierTraining(setup, hp, resume=args.resume, kind="supervised").run()
     return 0
 
 
@@ -259,9 +371,9 @@ def main_finetune(args, extra: Sequence[str] = ()) -> int:
     hp = ClassifierHParams(epochs=args.epochs, finetune=True, weight_decay=args.weight_decay,
                            backbone_lr=args.backbone_lr if args.backbone_lr is not None else backbone_lr,
                            head_lr=args.head_lr if args.head_lr is not None else head_lr,
-                           batch_size=args.batch_size, momentum=args.momentum, crop_scale=tuple(args.crop_scale),
-                           seed=args.seed, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
-                           num_workers=args.workers)
+                           batch_size=args.batch_size, momentum=args.momentum,
+                           crop_scale=_crop_scale(args, setup.spec.image_size), seed=args.seed,
+                           eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, num_workers=args.workers)
     setup.monitor.print(f"recipe: {hp.epochs} epochs, batch {hp.batch_size}, backbone lr {hp.backbone_lr:g}, "
                         f"head lr {hp.head_lr:g}, wd {hp.weight_decay:g}, SGD momentum {hp.momentum:g}, cosine")
     ClassifierTraining(setup, hp, resume=args.resume).run()
@@ -312,7 +424,8 @@ def main_svm(args, extra: Sequence[str] = ()) -> int:
 def main_report(args, extra: Sequence[str] = ()) -> int:
     from .report import report
 
-    print(report(args.paths, out=args.out, metric=args.metric), end="")
+    print(report(args.paths, out=args.out, metric=args.metric, merge_seeds=args.merge_seeds,
+                 transposed=args.transpose), end="")
     return 0
 
 

@@ -4,7 +4,7 @@
 "synthetic" and "digits" have built-in splits; "image_folder" (ImageNet, Places205 layout
 ``root/<class>/<image>``) and "file_list" take a path per split. Transforms follow the
 linear-evaluation recipes (VICReg, SFRIK): training crops ``RandomResizedCrop(size, scale)``
-(bilinear) plus a horizontal flip; validation resizes the short side to 256/224 x size and
+(bilinear) plus a horizontal flip; validation resizes the short side to 256/224 x size (the size itself up to 64 px) and
 center-crops (`sfrik_scale.data.build_eval_transform`).
 
 Training augmentations are drawn per sample from a generator seeded with
@@ -101,6 +101,19 @@ def num_classes_of(dataset: Dataset, labels: Optional[Sequence[int]] = None) -> 
     return int(max(labels)) + 1
 
 
+#: Smallest crop area of the classifiers' training crops, for small images (side <= 64 px).
+SMALL_IMAGE_CROP_SCALE = (0.5, 1.0)
+
+
+def default_crop_scale(image_size: int) -> Tuple[float, float]:
+    """RandomResizedCrop area range of the classifiers' training crops: the reference (0.08, 1)
+    at ImageNet sizes; (0.5, 1) up to 64 px, where an 8 % crop of a 32 px image is a blur of a
+    few source pixels (docs/evaluation.md)."""
+    from ..data.transforms import SMALL_IMAGE_SIZE
+
+    return SMALL_IMAGE_CROP_SCALE if image_size <= SMALL_IMAGE_SIZE else (0.08, 1.0)
+
+
 def classifier_train_transform(image_size: int, crop_scale: Tuple[float, float] = (0.08, 1.0)) -> Callable:
     """RandomResizedCrop(image_size, crop_scale, bilinear) + horizontal flip + ImageNet normalisation."""
     return build_view_transform(ViewAugmentation(
@@ -140,5 +153,5 @@ class SeededAugmentDataset(TransformedSubset):
 
 
 def eval_view(base: Dataset, image_size: int, indices: Optional[Sequence[int]] = None) -> TransformedSubset:
-    """Validation-transformed view (resize 256/224 x size, center crop) of ``base``."""
+    """Validation-transformed view (`build_eval_transform`: resize, center crop) of ``base``."""
     return TransformedSubset(base, build_eval_transform(image_size), indices)

@@ -11,13 +11,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .common import ProgressBar, padded_shard
+
+if TYPE_CHECKING:
+    from .session import EvalSetup
 
 
 @torch.no_grad()
@@ -75,3 +78,30 @@ def cached(path: Path, fingerprint: dict, compute: Callable[[], dict]) -> dict:
     torch.save({**{k: v.cpu() for k, v in data.items()}, "fingerprint": key}, tmp)
     os.replace(tmp, path)
     return data
+
+
+def encoded_splits(setup: "EvalSetup", *, batch_size: int, num_workers: int, cache: bool) -> tuple[dict, dict]:
+    """This rank's block of the labelled train split and of the val split through the frozen
+    backbone: ``({"features", "labels"}, {"features", "labels"})``, cached per rank in
+    ``OUT/cache`` when ``cache`` (keyed by the weights, the data and the world size)."""
+    from .data import eval_view
+
+    topo, s = setup.topo, setup
+    progress = s.monitor.active and s.monitor.show_progress
+    fingerprint = {"source": s.source.to_dict(), "data": s.data, "rank": topo.rank, "world": topo.world_size}
+
+    def encode(dataset, what: str) -> dict:
+        f, y = extract_features(s.backbone, dataset, batch_size=batch_size, device=topo.device, rank=topo.rank,
+                                world=topo.world_size, num_workers=num_workers, console=s.console,
+                                progress=progress, description=f"{what} features")
+        return {"features": f, "labels": y}
+
+    train_set = eval_view(s.train_base, s.spec.image_size, s.train_indices)
+    val_set = eval_view(s.val_base, s.spec.image_size)
+    if not cache:
+        return encode(train_set, "train"), encode(val_set, "val")
+    cache_dir = s.out_dir / "cache"
+    tag = f"rank{topo.rank}of{topo.world_size}"
+    train = cached(cache_dir / f"bank_{tag}.pt", {**fingerprint, "split": "train"}, lambda: encode(train_set, "train"))
+    val = cached(cache_dir / f"val_{tag}.pt", {**fingerprint, "split": "val"}, lambda: encode(val_set, "val"))
+    return train, val

@@ -98,30 +98,11 @@ def run_knn_eval(setup: "EvalSetup", *, ks: Sequence[int] = DEFAULT_KS, temperat
                  batch_size: int = 256, num_workers: int = 0, cache: bool = True,
                  chunk_size: int = 1024) -> dict:
     """Encode the labelled train split (the bank, sharded) and the val split, vote, write ``result.json``."""
-    from .data import eval_view
-    from .features import cached, extract_features
+    from .features import encoded_splits
 
     start = time.perf_counter()
     topo, s = setup.topo, setup
-    progress = s.monitor.active and s.monitor.show_progress
-    fingerprint = {"source": s.source.to_dict(), "data": s.data, "rank": topo.rank, "world": topo.world_size}
-
-    def encode(dataset, what: str) -> dict:
-        f, y = extract_features(s.backbone, dataset, batch_size=batch_size, device=topo.device, rank=topo.rank,
-                                world=topo.world_size, num_workers=num_workers, console=s.console,
-                                progress=progress, description=f"{what} features")
-        return {"features": f, "labels": y}
-
-    bank_set = eval_view(s.train_base, s.spec.image_size, s.train_indices)
-    val_set = eval_view(s.val_base, s.spec.image_size)
-    if cache:
-        cache_dir = s.out_dir / "cache"
-        bank = cached(cache_dir / f"bank_rank{topo.rank}of{topo.world_size}.pt", {**fingerprint, "split": "train"},
-                      lambda: encode(bank_set, "train"))
-        val = cached(cache_dir / f"val_rank{topo.rank}of{topo.world_size}.pt", {**fingerprint, "split": "val"},
-                     lambda: encode(val_set, "val"))
-    else:
-        bank, val = encode(bank_set, "train"), encode(val_set, "val")
+    bank, val = encoded_splits(s, batch_size=batch_size, num_workers=num_workers, cache=cache)
     queries = gather_rows(val["features"].to(topo.device))
     query_labels = gather_rows(val["labels"].to(topo.device))
     votes = knn_votes(bank["features"].to(topo.device), bank["labels"].to(topo.device), queries, s.num_classes,
@@ -133,7 +114,7 @@ def run_knn_eval(setup: "EvalSetup", *, ks: Sequence[int] = DEFAULT_KS, temperat
         per_k[str(k)] = {"top1": 100.0 * float(top1) / m, "top5": 100.0 * float(top5) / m}  # host sync
     headline = str(20 if 20 in ks else ks[0])
     metrics = {"top1": per_k[headline]["top1"], "top5": per_k[headline]["top5"], "k": int(headline),
-               "per_k": per_k, "bank_size": bank_set.__len__(), "queries": int(queries.shape[0])}
+               "per_k": per_k, "bank_size": s.data["labelled_images"], "queries": int(queries.shape[0])}
     s.monitor.scalars(0, {f"k{k}_top1": v["top1"] for k, v in per_k.items()} |
                       {f"k{k}_top5": v["top5"] for k, v in per_k.items()}, prefix="knn")
     result = base_result("knn", topo, s.source.to_dict(), s.data,

@@ -4,23 +4,32 @@
 
 Each argument is a ``result.json``, a folder holding one, or any folder (a pretraining run:
 every ``result.json`` below it is collected). Results are grouped by the evaluated weights
-(run directory and checkpoint tag, or random initialisation); one row per group:
+(run directory and checkpoint tag, or one of the baselines); one row per group:
 
-    method | q | L | epochs | linear top-1 | linear top-5 | kNN top-1 | semi 1% top-1 | ... | <transfer> ...
+    method | q | L | epochs | probe top-1 | linear top-1 | linear top-5 | kNN top-1 | semi 1% top-1 | ... | <transfer> ...
 
-- linear / kNN: results on the pretraining data with all labels;
+- probe: the frozen-feature logistic regression (``linear-eval --protocol features``);
+  linear: the augmented SGD probe (``--protocol sgd``); kNN: ``knn-eval``; all on the
+  pretraining data with all labels;
 - semi-supervised: fine-tuning results, one column pair per labelled fraction (1 %, 10 %, ...: the
   requested ``--label-fraction``, else the fraction of labelled images actually used);
 - transfer: linear results on other datasets (``<benchmark> top-1/top-5``) and SVM results
   (``<benchmark> mAP``).
 Accuracies are the best over the evaluated epochs (``--metric last``: the last epoch); when
-a group holds several results of the same kind, the most recent one counts. The table is
-printed as Markdown on stdout (``--out`` also writes it to a file) and as a rich table on
-stderr.
+a group holds several results of the same kind, the most recent one counts.
+
+The baselines of docs/evaluation.md come after the pretrained rows, in this order: raw
+pixels (``--raw-pixels``), the random-init backbone (``--random-init``) and the supervised
+upper bound (``sfrik-scale supervised``), whose end-to-end val accuracy fills the probe and
+linear columns. ``--merge-seeds`` merges the rows of runs that differ only by their seed
+into "mean ± standard deviation (number of runs)"; ``--transpose`` puts the methods in the
+columns, as the SFRIK paper's tables do. The table is printed as Markdown on stdout
+(``--out`` also writes it to a file) and as a rich table on stderr.
 """
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -61,15 +70,34 @@ def collect_results(paths: Iterable[str | Path]) -> list[dict]:
     return results
 
 
+_BASELINES = ("pixels", "random", "supervised")  # row order after the pretrained rows
+
+
+def _baseline(result: dict) -> str | None:
+    src = result["source"]
+    if src.get("raw_pixels"):
+        return "pixels"
+    if result.get("kind") == "supervised":
+        return "supervised"
+    return "random" if src.get("random_init") else None
+
+
 def _group_key(result: dict) -> tuple:
     src = result["source"]
     where = src.get("run_dir") or src.get("path")
-    return (str(Path(where).resolve()) if where else None, src.get("tag"), bool(src.get("random_init")),
-            src.get("backbone") if src.get("random_init") else None)
+    baseline = _baseline(result)
+    if baseline == "pixels":  # the same input whatever run it was evaluated from
+        return (None, None, baseline, None)
+    return (str(Path(where).resolve()) if where else None, src.get("tag"), baseline,
+            src.get("backbone") if baseline else None)
 
 
-def _method(src: dict) -> str:
-    if src.get("random_init"):
+def _method(src: dict, baseline: str | None = None) -> str:
+    if baseline == "pixels":
+        return "raw pixels"
+    if baseline == "supervised":
+        return f"supervised ({src.get('backbone')})"
+    if baseline == "random" or src.get("random_init"):
         return f"random init ({src.get('backbone')})"
     name = (src.get("pretrain") or {}).get("method")
     return METHOD_NAMES.get(name, name or src.get("backbone") or "?")
@@ -80,12 +108,25 @@ def _fraction_label(fraction: float) -> str:
     return f"{pct:.0f}%" if abs(pct - round(pct)) < 0.05 else f"{pct:.1f}%"
 
 
-def build_table(results: Sequence[dict], metric: str = "best") -> tuple[list[str], list[list[str]]]:
-    """(columns, rows) of the comparison table; empty optional columns are dropped."""
+def build_table(results: Sequence[dict], metric: str = "best",
+                merge_seeds: bool = False) -> tuple[list[str], list[list[str]]]:
+    """(columns, rows) of the comparison table; empty optional columns are dropped.
+
+    ``merge_seeds``: rows whose runs differ only by ``train.seed`` (same method, q, L,
+    coefficients, epochs, batch, data; baselines: the same label) become one row of
+    "mean ± sd (n)" cells."""
+    columns, rows, signatures = _table(results, metric)
+    if merge_seeds:
+        rows = _merge_rows(rows, signatures)
+    return columns, rows
+
+
+def _table(results: Sequence[dict], metric: str) -> tuple[list[str], list[list[str]], list[tuple]]:
     if metric not in ("best", "last"):
         raise ValueError(f"metric must be 'best' or 'last', got {metric!r}")
     top1, top5 = ("best_top1", "best_top5") if metric == "best" else ("top1", "top5")
     groups: dict[tuple, dict[str, dict]] = {}
+    signatures: list[tuple] = []
     order: list[tuple] = []
     semi_fractions: set[str] = set()
     transfer_cols: list[str] = []
@@ -96,7 +137,12 @@ def build_table(results: Sequence[dict], metric: str = "best") -> tuple[list[str
             order.append(key)
         data, kind = r.get("data", {}), r.get("kind")
         full = data.get("labelled_fraction", 1.0) >= 0.999
-        if kind == "linear" and not r.get("transfer") and full:
+        features = (r.get("hyperparameters") or {}).get("protocol") == "features"
+        if kind == "supervised" and not r.get("transfer"):
+            slot = "supervised"
+        elif kind == "linear" and features and not r.get("transfer") and full:
+            slot = "probe"
+        elif kind == "linear" and not r.get("transfer") and full:
             slot = "linear"
         elif kind == "knn" and not r.get("transfer") and full:
             slot = "knn"
@@ -104,21 +150,22 @@ def build_table(results: Sequence[dict], metric: str = "best") -> tuple[list[str
             slot = "semi " + _fraction_label(data.get("label_fraction") or data.get("labelled_fraction", 1.0))
             semi_fractions.add(slot)
         elif kind in ("linear", "svm", "knn"):
-            slot = f"{kind}:{r.get('benchmark') or data.get('benchmark')}"
+            slot = f"{'probe' if features else kind}:{r.get('benchmark') or data.get('benchmark')}"
             if slot not in transfer_cols:
                 transfer_cols.append(slot)
         else:
             continue
         groups[key][slot] = r  # sorted by time: the most recent wins
     semi = sorted(semi_fractions, key=lambda s: float(s.split()[1].rstrip("%")))
-    columns = ["method", "q", "L", "epochs", "linear top-1", "linear top-5", "kNN top-1"]
+    columns = ["method", "q", "L", "epochs", "probe top-1", "linear top-1", "linear top-5", "kNN top-1"]
     for s in semi:
         columns += [f"{s} top-1", f"{s} top-5"]
     for t in transfer_cols:
         kind, bench = t.split(":", 1)
-        columns += [f"{bench} mAP"] if kind == "svm" else \
-            [f"{bench} kNN top-1"] if kind == "knn" else [f"{bench} top-1", f"{bench} top-5"]
+        columns += [f"{bench} mAP"] if kind == "svm" else [f"{bench} kNN top-1"] if kind == "knn" else \
+            [f"{bench} probe top-1"] if kind == "probe" else [f"{bench} top-1", f"{bench} top-5"]
     rows = []
+    order = [k for k in order if k[2] is None] + [k for b in _BASELINES for k in order if k[2] == b]
     for key in order:
         slots = groups[key]
         any_result = next(iter(slots.values()), None)
@@ -126,22 +173,53 @@ def build_table(results: Sequence[dict], metric: str = "best") -> tuple[list[str
             continue
         src = any_result["source"]
         pre = src.get("pretrain") or {}
-        random = bool(src.get("random_init"))
-        row = [_method(src), _int(pre.get("q")) if not random else "-", _int(pre.get("L")) if not random else "-",
-               _int(pre.get("epochs")) if not random else "-"]
-        lin = slots.get("linear", {}).get("metrics", {})
-        row += [fmt(lin.get(top1)), fmt(lin.get(top5)), fmt(slots.get("knn", {}).get("metrics", {}).get("top1"))]
+        baseline = key[2]
+        row = [_method(src, baseline)] + (["-"] * 3 if baseline else
+                                          [_int(pre.get("q")), _int(pre.get("L")), _int(pre.get("epochs"))])
+        sup = slots.get("supervised", {}).get("metrics", {})
+        probe = slots.get("probe", {}).get("metrics", {}) or {"top1": sup.get(top1)}
+        lin = slots.get("linear", {}).get("metrics", {}) or sup
+        row += [fmt(probe.get("top1")), fmt(lin.get(top1)), fmt(lin.get(top5)),
+                fmt(slots.get("knn", {}).get("metrics", {}).get("top1"))]
         for s in semi:
             m = slots.get(s, {}).get("metrics", {})
             row += [fmt(m.get(top1)), fmt(m.get(top5))]
         for t in transfer_cols:
             m = slots.get(t, {}).get("metrics", {})
             kind = t.split(":", 1)[0]
-            row += [fmt(m.get("map"))] if kind == "svm" else [fmt(m.get("top1"))] if kind == "knn" else \
+            row += [fmt(m.get("map"))] if kind == "svm" else [fmt(m.get("top1"))] if kind in ("knn", "probe") else \
                 [fmt(m.get(top1)), fmt(m.get(top5))]
         rows.append(row)
+        signatures.append((row[0],) if baseline else
+                          (row[0], src.get("backbone"), json.dumps({k: v for k, v in pre.items() if k != "seed"},
+                                                                   sort_keys=True, default=str)))
     keep = [i for i, c in enumerate(columns) if i < 4 or any(r[i] != "-" for r in rows)]
-    return [columns[i] for i in keep], [[r[i] for i in keep] for r in rows]
+    return [columns[i] for i in keep], [[r[i] for i in keep] for r in rows], signatures
+
+
+def _merge_rows(rows: list[list[str]], signatures: list[tuple]) -> list[list[str]]:
+    """One row per signature; numeric cells become "mean ± sd (n)" when several rows have them."""
+    merged: dict[tuple, list[list[str]]] = {}
+    for row, sig in zip(rows, signatures):
+        merged.setdefault(sig, []).append(row)
+    out = []
+    for group in merged.values():
+        row = list(group[0][:4])
+        for i in range(4, len(group[0])):
+            values = [float(r[i]) for r in group if r[i] != "-"]
+            if len(values) > 1:
+                row.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} ({len(values)})")
+            else:
+                row.append(fmt(values[0]) if values else "-")
+        out.append(row)
+    return out
+
+
+def transpose(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> tuple[list[str], list[list[str]]]:
+    """Methods as columns (label: method, with L for SFRIK), the metrics as rows."""
+    labels = [r[0] if r[2] == "-" else f"{r[0]} L = {r[2]}" for r in rows]
+    return ["metric"] + labels, [[columns[i]] + [r[i] for r in rows] for i in range(1, len(columns))
+                                 if columns[i] != "L"]
 
 
 def _int(x) -> str:
@@ -168,10 +246,13 @@ def print_rich(columns: Sequence[str], rows: Sequence[Sequence[str]], title: str
     Console(stderr=True).print(table)
 
 
-def report(paths: Sequence[str], out: Optional[str] = None, metric: str = "best", rich: bool = True) -> str:
+def report(paths: Sequence[str], out: Optional[str] = None, metric: str = "best", rich: bool = True,
+           merge_seeds: bool = False, transposed: bool = False) -> str:
     """Collect, tabulate, print; returns the Markdown text."""
     results = collect_results(paths)
-    columns, rows = build_table(results, metric)
+    columns, rows = build_table(results, metric, merge_seeds=merge_seeds)
+    if transposed:
+        columns, rows = transpose(columns, rows)
     text = to_markdown(columns, rows)
     if rich:
         print_rich(columns, rows, title=f"sfrik-scale report ({len(results)} results, {metric} accuracy, %)")

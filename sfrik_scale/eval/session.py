@@ -49,14 +49,14 @@ class EvalSetup:
 
 
 def open_backbone(source: BackboneSource, out_dir: Path, topo: Topology, *, seed: int = 0, progress: bool = True,
-                  tensorboard: bool = True):
+                  tensorboard: bool = True, image_size: Optional[int] = None):
     """The output folder (made on rank 0), the monitor and the frozen backbone on this rank's
     device: (out_dir, monitor, backbone, feature_dim). Shared by every evaluation command."""
     out_dir = Path(out_dir)
     if topo.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     monitor = Monitor(out_dir, topo.is_main, tensorboard=tensorboard, progress=progress)
-    backbone, feature_dim = load_backbone(source, seed=seed)
+    backbone, feature_dim = load_backbone(source, seed=seed, image_size=image_size)
     backbone.to(topo.device)
     return out_dir, monitor, backbone, feature_dim
 
@@ -66,7 +66,7 @@ def prepare(kind: str, source: BackboneSource, spec: EvalDataSpec, out_dir: Path
             benchmark: Optional[str] = None, need_val: bool = True, header: tuple = ()) -> EvalSetup:
     """Build the backbone and the labelled splits; print the header on rank 0."""
     out_dir, monitor, backbone, feature_dim = open_backbone(source, out_dir, topo, seed=seed, progress=progress,
-                                                            tensorboard=tensorboard)
+                                                            tensorboard=tensorboard, image_size=spec.image_size)
     train_base = spec.build("train")
     val_base = spec.build("val") if need_val else None
     subset = subset or LabelSubset()

@@ -8,7 +8,10 @@ A source is one of
   the ``backbone.pt`` file itself (then ``backbone=`` names the architecture unless an
   ``export.json`` sits next to it);
 - with ``random_init=True``, any of those only for its architecture: the weights are a
-  fresh, seeded initialisation (the baseline every SSL method must beat).
+  fresh, seeded initialisation (the baseline every SSL method must beat);
+- with ``raw_pixels=True``, no network at all: the "features" are the flattened input image
+  at the evaluation resolution (3 x S x S values, normalised like the network's input),
+  the other baseline every SSL method must beat.
 
 `BackboneSource.to_dict()` is stored in every result file; its ``pretrain`` entry (method,
 q, L, epochs, ...) is what ``sfrik-scale report`` tabulates.
@@ -43,6 +46,7 @@ class BackboneSource:
     tag: Optional[str] = None      # checkpoint tag, when known
     step: Optional[int] = None     # optimiser steps of that checkpoint
     random_init: bool = False
+    raw_pixels: bool = False       # the flattened input instead of a network
     pretrain: dict = field(default_factory=dict)  # see pretrain_summary
 
     def to_dict(self) -> dict:
@@ -50,6 +54,8 @@ class BackboneSource:
 
     def label(self) -> str:
         """Short human description for headers."""
+        if self.raw_pixels:
+            return "raw pixels (the flattened input image)"
         if self.random_init:
             return f"{self.backbone}, random initialisation"
         where = f"{self.tag}" if self.tag else Path(self.path).name
@@ -83,9 +89,17 @@ def pretrain_summary(raw: dict) -> dict:
 
 
 def resolve_source(path: str | Path, tag: Optional[str] = None, backbone: Optional[str] = None,
-                   random_init: bool = False) -> BackboneSource:
+                   random_init: bool = False, raw_pixels: bool = False) -> BackboneSource:
     """Identify ``path`` (see the module docstring); raises FileNotFoundError/ValueError on bad input."""
-    p = Path(path).resolve()
+    if random_init and raw_pixels:
+        raise ValueError("--random-init and --raw-pixels are two different baselines; give one")
+    source = _resolve(Path(path).resolve(), tag, backbone, random_init or raw_pixels)
+    if raw_pixels:
+        source.random_init, source.raw_pixels, source.tag, source.step = False, True, None, None
+    return source
+
+
+def _resolve(p: Path, tag: Optional[str], backbone: Optional[str], random_init: bool) -> BackboneSource:
     if p.is_dir() and (p / RUN_CONFIG).is_file():
         raw = read_run_config(p)
         name = backbone or (raw.get("model") or {}).get("backbone")
@@ -121,12 +135,17 @@ def _export_source(weights: Path, info_path: Path, backbone: Optional[str], rand
                           tag=info.get("tag"), step=info.get("step"), random_init=random_init, pretrain=summary)
 
 
-def load_backbone(source: BackboneSource, seed: int = 0) -> tuple[nn.Module, int]:
-    """``(backbone, feature_dim)`` with the source's weights (fp32, CPU), or a seeded random init.
+def load_backbone(source: BackboneSource, seed: int = 0, image_size: Optional[int] = None) -> tuple[nn.Module, int]:
+    """``(backbone, feature_dim)`` with the source's weights (fp32, CPU), or a seeded random init,
+    or (``raw_pixels``) ``nn.Flatten`` with feature_dim 3 x image_size^2.
 
     The parameters are identical on every rank: loaded from the same file, or drawn from
     the same seed.
     """
+    if source.raw_pixels:
+        if not image_size or image_size < 1:
+            raise ValueError(f"raw pixels need the evaluation image size, got {image_size!r}")
+        return nn.Flatten(), 3 * image_size * image_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module, feature_dim = build_backbone(source.backbone)

@@ -3,7 +3,7 @@
 The protocol of Goyal et al. (2019, "Scaling and benchmarking self-supervised visual
 representation learning"; fair_self_supervision_benchmark), used by PIRL and, through
 VISSL, by VICReg and SFRIK:
-- features of the frozen backbone (eval mode, resize 256/224 x size + center crop),
+- features of the frozen backbone (eval mode, resize 256/224 x size (whole image up to 64 px) + center crop),
   L2-normalised (``x / (|x| + 1e-5)``);
 - for every class and every cost C of the sweep (default: 1e-7, 1e-6, ..., 100 and
   0.5^4, ..., 0.5^19), a linear SVM (scikit-learn ``LinearSVC``: squared hinge, L2,
@@ -148,7 +148,7 @@ def run_svm_eval(topo: Topology, source: BackboneSource, train: MultiLabelImages
         raise ValueError(f"costs must be positive, got {list(costs)}")
     costs = sorted(float(c) for c in costs)
     out_dir, monitor, backbone, feature_dim = open_backbone(source, out_dir, topo, seed=seed, progress=progress,
-                                                            tensorboard=tensorboard)
+                                                            tensorboard=tensorboard, image_size=image_size)
     classes = train.classes
     data = {"benchmark": benchmark, "transfer": True, "num_classes": len(classes), "classes": classes,
             "train_images": len(train), "test_images": len(test), "image_size": image_size}
