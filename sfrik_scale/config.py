@@ -599,12 +599,16 @@ def _check_values(cfg: Config) -> None:
 
     _require(d.dataset not in ("image_folder", "file_list") or bool(d.path), "data.path",
              f"required for dataset {d.dataset!r}: pass data.path=/path/to/images")
+    _require(d.dataset in ("image_folder", "file_list") or not d.path, "data.path",
+             f"{d.path!r} is given but data.dataset={d.dataset!r} reads no path (it would be ignored); "
+             "for a folder root/<class>/<image> add data.dataset=image_folder, for a list file data.dataset=file_list")
     for name, low in (("num_classes", 1), ("image_size", 8), ("synthetic_size", 1), ("num_workers", 0),
                       ("num_threads", 1)):
         _require(getattr(d, name) >= low, f"data.{name}", f"must be >= {low}, got {getattr(d, name)}")
     _require(d.images_per_class is None or d.images_per_class >= 1, "data.images_per_class",
              f"must be >= 1, got {d.images_per_class}")
 
+    _require(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")  # before warmup_epochs, which reads it
     _require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _require(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")

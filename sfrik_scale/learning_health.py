@@ -16,7 +16,8 @@ says it.
 - ``positive_cosine``: the mean cosine between the two views of the same image, and
   ``random_cosine``: between view 1 of image i and view 2 of image i + 1 (another image).
 
-`LearningHealthWatch` looks at them after the learning-rate warm-up and warns once per
+`LearningHealthWatch` looks at them after ``warmup_steps`` (the trainer passes the
+learning-rate warm-up, and at least a tenth of the run) and warns once per
 kind of failure, in one line with the figures, when for ``patience`` checks in a row
 - the positives are no closer than random pairs: positive_cosine < random_cosine +
   ``min_alignment_gap``; or

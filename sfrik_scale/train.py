@@ -85,8 +85,10 @@ class Trainer:
         self.build_model()
         self.build_engine()
         self.monitor = Monitor(self.run_dir, topo.is_main, cfg.monitor.tensorboard, cfg.monitor.progress)
+        # checks start after the warm-up and at least a tenth of the run: just after a short warm-up
+        # healthy runs can still have positive pairs barely closer than random ones
         self.health_watch = LearningHealthWatch(
-            warmup_steps=int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)),
+            warmup_steps=max(int(round(cfg.optim.warmup_epochs * self.steps_per_epoch)), self.total_steps // 10),
             warn=lambda text: self.monitor.print(f"[bold yellow]warning:[/] {text}"))
         self.profiler = build_profiler(cfg, self.run_dir, topo.device, topo.is_main, self.monitor)
         self.profiler.attach(self.engine.module)

@@ -121,7 +121,8 @@ def test_recipe_file_that_is_not_yaml_raises_config_error(tmp_path):
 
 def test_overrides_apply_with_their_types():
     cfg = load_config("demo", ["train.epochs=3", "loss.coeffs=[1,40]", "optim.weight_decay=1e-5",
-                               "train.max_steps=null", "data.path=/data/x", "deepspeed.gradient_clipping=1"])
+                               "train.max_steps=null", "data.dataset=image_folder", "data.path=/data/x",
+                               "deepspeed.gradient_clipping=1"])
     assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
     assert cfg.loss.coeffs == (1.0, 40.0) and all(isinstance(b, float) for b in cfg.loss.coeffs)
     assert cfg.optim.weight_decay == 1e-5  # PyYAML reads 1e-5 as a string: converted
@@ -165,6 +166,8 @@ def test_unset_loss_coefficients_take_the_loss_defaults(tmp_path):
     ("optim.base_lr=.nan", "optim.base_lr", "finite"),
     ("optim.warmup_epochs=20", "optim.warmup_epochs", "train.epochs"),
     ("data.dataset=image_folder", "data.path", "required for dataset 'image_folder'"),
+    ("data.path=/data/pics", "data.path", "add data.dataset=image_folder"),
+    ("train.epochs=-1", "train.epochs", "must be >= 1, got -1"),
     ("data.dataset=folder", "data.dataset", "did you mean image_folder"),
     ("train.micro_batch_size=100", "train.global_batch_size", "not divisible by train.micro_batch_size"),
     ("deepspeed.offload_optimizer=true", "deepspeed.offload_optimizer", "zero_stage >= 1"),
@@ -213,7 +216,8 @@ def test_load_config_checks_the_world_size_when_given():
 
 def test_save_then_load_gives_an_equal_config(tmp_path):
     cfg = load_config("demo", ["train.epochs=3", "loss.coeffs=[1,40]", "optim.weight_decay=1e-5",
-                               "deepspeed.extra.zero_optimization.overlap_comm=false", "data.path=/x y/z"])
+                               "deepspeed.extra.zero_optimization.overlap_comm=false", "data.dataset=file_list",
+                               "data.path=/x y/z"])
     path = cfg.save(tmp_path / "run")
     assert path == tmp_path / "run" / CONFIG_FILENAME
     assert Config.load(tmp_path / "run") == cfg

@@ -26,7 +26,10 @@ Python in the jitter's random order (`color_matrices`).
 
 Known differences from torchvision, all inside the tolerance of the distribution
 test (tests/test_dali.py): the colour matrix is clamped once (torchvision clamps after
-each jitter step); contrast pivots on mid-grey 128 rather than the image's mean grey;
+each jitter step); contrast pivots on the mean grey of the view before the colour
+operators, carried through the preceding jitter steps (torchvision takes the mean of the
+clamped intermediate image; an earlier version pivoted on mid-grey 128, which on dark
+images such as white-on-black digits lifted the background to grey: docs/evaluation.md);
 the hue shift is a rotation about the gray axis, a linear stand-in for the HSV shift
 (DALI's own ``hsv``/``color_twist`` rotate in YIQ, which skews the blue channel); the
 blur kernel is cut at 3 sigma (0.3 % of its mass; torchvision's spans 10 % of the
@@ -46,6 +49,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import numpy as np
 import nvidia.dali.fn as fn
+import nvidia.dali.math as dali_math
 import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.pipeline import Pipeline
@@ -59,7 +63,7 @@ PARAM_FIELDS: Tuple[str, ...] = (
     "crop_top", "crop_left", "crop_bottom", "crop_right",  # crop box in input pixels (rows, cols)
     "flip",                                                # 1: mirror horizontally
     "twist",                                               # 1: apply the colour matrix below
-    *(f"color_{r}{c}" for r in range(3) for c in range(4)),  # 3 x 4 affine colour matrix [M | T], row-major
+    *(f"color_{r}{c}" for r in range(3) for c in range(7)),  # 3 x 7 colour matrix [M | T | K], row-major
     "blur", "blur_sigma", "blur_window",
     "solarize",
 )
@@ -148,14 +152,16 @@ def _hue_rotations(degrees: np.ndarray) -> np.ndarray:
 
 
 def color_matrices(desc: ViewAugmentation, u: np.ndarray, jitter: np.ndarray, gray: np.ndarray) -> np.ndarray:
-    """(B, 3, 4) affine colour matrices [M | T] on 0-255 RGB: jitter where ``jitter``, then grayscale where ``gray``.
+    """(B, 3, 7) colour transforms [M | T | K] on 0-255 RGB: jitter where ``jitter``, then grayscale where ``gray``.
 
+    A pixel x of an image whose mean colour is mu becomes ``M x + T + K mu`` (`apply_color`).
     ``u``: (B, 8) uniforms: 4 factors, then 4 ranks giving the jitter's random order,
-    as torchvision's ``ColorJitter``: brightness ``b x``, contrast ``c x + (1 - c) 128``
-    (torchvision blends with the image's mean grey, unknown before decoding),
-    saturation ``s x + (1 - s) luma(x)``, hue a rotation about the gray axis. Grayscale
-    replaces every channel by the luma. One matrix, clamped once at the end (torchvision
-    clamps after each step).
+    as torchvision's ``ColorJitter``: brightness ``b x``, contrast ``c x + (1 - c) g`` with g
+    the mean grey of the image at that step (unknown before decoding: hence K, as the
+    mean of an affine image is the affine map of its mean), saturation
+    ``s x + (1 - s) luma(x)``, hue a rotation about the gray axis. Grayscale replaces every
+    channel by the luma. One transform, clamped once at the end (torchvision clamps after
+    each step).
     """
     n = len(u)
     factors = {}
@@ -166,23 +172,38 @@ def color_matrices(desc: ViewAugmentation, u: np.ndarray, jitter: np.ndarray, gr
     hue = np.where(jitter, 360.0 * desc.hue * (2.0 * u[:, 3] - 1.0), 0.0)
     eye = np.broadcast_to(np.eye(3), (n, 3, 3))
     to_luma = np.broadcast_to(np.outer(np.ones(3), LUMA), (n, 3, 3))
-    steps = [  # (linear part, offset) of each jitter step, per sample
-        (factors["brightness"] * eye, np.zeros((n, 3))),
-        (factors["contrast"] * eye, (1.0 - factors["contrast"].reshape(-1, 1)) * 128.0 * np.ones((n, 3))),
-        (factors["saturation"] * eye + (1.0 - factors["saturation"]) * to_luma, np.zeros((n, 3))),
-        (_hue_rotations(hue), np.zeros((n, 3))),
+    # Each step maps the image (m x + t + k mu) to (sm (m x + t + k mu) + st + sk (its mean)), where
+    # its mean is (m + k) mu + t; sk (contrast only) blends towards the mean grey.
+    contrast = factors["contrast"]
+    steps = [  # (linear part, offset, mean part) of each jitter step, per sample
+        (factors["brightness"] * eye, np.zeros((n, 3)), np.zeros((n, 3, 3))),
+        (contrast * eye, np.zeros((n, 3)), (1.0 - contrast) * to_luma),
+        (factors["saturation"] * eye + (1.0 - factors["saturation"]) * to_luma, np.zeros((n, 3)), np.zeros((n, 3, 3))),
+        (_hue_rotations(hue), np.zeros((n, 3)), np.zeros((n, 3, 3))),
     ]
     order = np.argsort(u[:, 4:8], axis=1)  # a uniformly random permutation per sample
-    m, t = np.array(eye), np.zeros((n, 3))
+    m, t, k = np.array(eye), np.zeros((n, 3)), np.zeros((n, 3, 3))
     for position in range(4):
-        for step, (sm, st) in enumerate(steps):
+        for step, (sm, st, sk) in enumerate(steps):
             chosen = (order[:, position] == step).reshape(-1, 1)
+            new_t = np.einsum("bij,bj->bi", sm + sk, t) + st
+            new_k = sm @ k + sk @ (m + k)
             m = np.where(chosen[:, :, None], sm @ m, m)
-            t = np.where(chosen, np.einsum("bij,bj->bi", sm, t) + st, t)
+            t = np.where(chosen, new_t, t)
+            k = np.where(chosen[:, :, None], new_k, k)
     g = gray.reshape(-1, 1)
     m = np.where(g[:, :, None], to_luma @ m, m)
     t = np.where(g, np.einsum("bij,bj->bi", to_luma, t), t)
-    return np.concatenate([m, t[:, :, None]], axis=2)
+    k = np.where(g[:, :, None], to_luma @ k, k)
+    return np.concatenate([m, t[:, :, None], k], axis=2)
+
+
+def apply_color(img: np.ndarray, mtk: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 through a (3, 7) `color_matrices` transform, rounded and clamped to uint8
+    (what the graph's ``_color_twist`` computes; the numpy reference of the tests)."""
+    x = img.reshape(-1, 3).astype(np.float64)
+    out = x @ mtk[:, :3].T + mtk[:, 3] + mtk[:, 4:] @ x.mean(axis=0)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(img.shape)
 
 
 def draw_view_params(desc: ViewAugmentation, u: np.ndarray, heights: np.ndarray, widths: np.ndarray) -> np.ndarray:
@@ -206,7 +227,7 @@ def draw_view_params(desc: ViewAugmentation, u: np.ndarray, heights: np.ndarray,
     jitter = (rest[:, 1] < desc.jitter_p) & any((desc.brightness, desc.contrast, desc.saturation, desc.hue))
     gray = rest[:, 2] < desc.grayscale_p
     out[:, P["twist"]] = jitter | gray
-    out[:, P["color_00"]:P["color_23"] + 1] = color_matrices(desc, rest[:, 3:11], jitter, gray).reshape(-1, 12)
+    out[:, P["color_00"]:P["color_26"] + 1] = color_matrices(desc, rest[:, 3:11], jitter, gray).reshape(-1, 21)
     out[:, P["blur"]] = rest[:, 11] < desc.blur_p
     sigma = desc.blur_sigma[0] + (desc.blur_sigma[1] - desc.blur_sigma[0]) * rest[:, 12]
     out[:, P["blur_sigma"]] = sigma
@@ -269,13 +290,21 @@ def _crop(images, v: "ViewInputs", d: ViewAugmentation):
 
 
 def _color_twist(images, v: "ViewInputs", d: ViewAugmentation):
-    # Colour jitter (prob. jitter_p) then grayscale (prob. grayscale_p): one affine colour
-    # matrix per sample, drawn in Python (`color_matrices`), rounded and clamped to uint8.
+    # Colour jitter (prob. jitter_p) then grayscale (prob. grayscale_p): one colour transform
+    # M x + T + K mean(x) per sample, drawn in Python (`color_matrices`), rounded and clamped to uint8.
     jitters = d.jitter_p > 0 and any((d.brightness, d.contrast, d.saturation, d.hue))
     p = 1.0 - (1.0 - (d.jitter_p if jitters else 0.0)) * (1.0 - d.grayscale_p)
-    matrix = fn.reshape(v.params[P["color_00"]:P["color_23"] + 1], shape=[3, 4])
-    return _with_probability(p, v.params[P["twist"]], lambda x: fn.coord_transform(x, MT=matrix, dtype=types.UINT8),
-                             images)
+    mtk = fn.reshape(v.params[P["color_00"]:P["color_26"] + 1], shape=[3, 7])
+    matrix, mean_part = mtk[:, 0:4], mtk[:, 4:7]
+
+    def twist(x):
+        mean = fn.reductions.mean(x, axes=[0, 1], dtype=types.FLOAT)  # (3,) mean colour of the HWC view
+        k = mean_part.gpu() if v.on_gpu else mean_part
+        offset = fn.reductions.sum(k * fn.reshape(mean, shape=[1, 3]), axes=[1])  # K mean, (3,)
+        y = fn.coord_transform(x, MT=matrix, dtype=types.FLOAT) + offset
+        return fn.cast(dali_math.clamp(y, 0.0, 255.0), dtype=types.UINT8)  # rounds to nearest
+
+    return _with_probability(p, v.params[P["twist"]], twist, images)
 
 
 def _blur(images, v: "ViewInputs", d: ViewAugmentation):
@@ -311,6 +340,7 @@ class ViewInputs(NamedTuple):
 
     params: Any            # (NUM_PARAMS,) float32, `draw_view_params`
     kernel: Optional[Any]  # (w,) float32 blur kernel (`blur_kernels`); None where the view does not use it
+    on_gpu: bool = False   # the images are on the GPU (the params stay on the CPU)
 
 
 def view_graph(images, inputs: ViewInputs, desc: ViewAugmentation):
@@ -346,7 +376,7 @@ def _decoded_input(encoded: bool, device: str):
 def _view_inputs(desc: ViewAugmentation, device: str, params_name: str, kernel_name: str) -> ViewInputs:
     params = fn.external_source(name=params_name, dtype=types.FLOAT, ndim=1)
     kernel = fn.external_source(name=kernel_name, dtype=types.FLOAT, ndim=1) if uses_kernel(desc, device) else None
-    return ViewInputs(params, kernel)
+    return ViewInputs(params, kernel, on_gpu=device == "gpu")
 
 
 def _two_view_graph(desc1: ViewAugmentation, desc2: ViewAugmentation, encoded: bool, device: str):

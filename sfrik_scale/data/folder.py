@@ -235,7 +235,8 @@ class ImageFolderDataset(_FileDataset):
             message = (f"{len(empty)} class folder(s) without any image ({', '.join(exts)}): "
                        + ", ".join(repr(p) for p in empty))
             if not allow_empty_classes:
-                raise ValueError(message + "; pass allow_empty_classes=True to keep them as empty classes")
+                raise ValueError(message + "; remove or fill them (an empty class would still take a label "
+                                 "number), or, from Python, pass ImageFolderDataset(..., allow_empty_classes=True)")
             warnings.warn(message + "; kept as empty classes", stacklevel=2)
         self.empty_classes = [os.path.basename(p) for p in empty]
         self.samples = _keep_first_k(samples, first_k_per_class)
