@@ -148,11 +148,12 @@ class DataConfig:
         "same samples in the same order from the same view descriptions."))
     num_threads: int = _f(4, help="DALI CPU threads per rank (decoding and CPU augmentation); data.loader dali/auto.")
     num_workers: int = _f(1, help="Data-loading worker processes per rank (torchvision loader).")
-    augmentations: Literal["vicreg", "simclr", "alignment_uniformity", "small"] = _f("alignment_uniformity", help=(
+    augmentations: Literal["vicreg", "simclr", "alignment_uniformity", "small", "small_flip"] = _f("small", help=(
         "Two-view augmentation set (a sfrik_scale.data AUGMENTATIONS name): vicreg (the SFRIK paper's, "
         "ImageNet at 224 px), simclr, alignment_uniformity (Wang & Isola's small-image pipeline, used for "
-        "STL10 and the 32 px demo), small (alignment_uniformity with crops of at least 30 % of the image: the "
-        "small_* recipes, images of 64 px or less)."))
+        "STL10), small (alignment_uniformity with crops of at least 30 % of the image, brightness and contrast "
+        "jitter only and no flip: the demo and small_* recipes, images of 64 px or less, symbols such as digits "
+        "included), small_flip (small with horizontal flips, for small natural photographs)."))
     skip_bad_files: bool = _f(True, help=(
         "Replace unreadable or corrupt images by another sample (counted, and named in TensorBoard and "
         "summary.json) instead of failing; false stops at the first bad file, naming it."))
@@ -167,7 +168,9 @@ class OptimConfig:
     base_lr: float = _f(0.3, help="Learning rate per 256 images: peak lr = base_lr * train.global_batch_size / 256.")
     weight_decay: float = _f(1e-6, help="Weight decay (decoupled for adamw).")
     momentum: float = _f(0.9, help="LARS momentum, in [0, 1).")
-    eta: float = _f(0.001, help="LARS trust coefficient (> 0).")
+    eta: float = _f(0.02, help=(
+        "LARS trust coefficient (> 0): each layer's step is eta x |w| / |update| times the lr. The ImageNet "
+        "recipes use 0.001 (tens of thousands of steps); the demo and small_* recipes 0.02 (a few hundred)."))
     betas: Tuple[float, float] = _f((0.9, 0.999), help="AdamW/LAMB betas, each in [0, 1).")
     warmup_epochs: float = _f(1.0, help="Linear warm-up from 0 to the peak lr, in epochs (<= train.epochs).")
     final_lr_ratio: float = _f(0.001, help="The cosine decay ends at final_lr_ratio x peak lr, in [0, 1].")

@@ -88,7 +88,8 @@ class LearningHealthWatch:
                 f"step {step}: the embeddings are collapsing (per-dimension std {health['embedding_std']:.2e} "
                 f"against {health['embedding_std_uniform']:.2e} if spread uniformly; effective rank "
                 f"{health['effective_rank']:.1f} of at most {min(batch, q)}). Lower loss.sim_coeff (raise the "
-                "regulariser's weight) or the learning rate.")
+                "regulariser's weight) or the learning rate, and check that the regulariser can prevent it "
+                "(SFRIK with L = 1, loss.coeffs=[b1], only centres the embeddings).")
         if "collapse" in findings:  # collapsed views are trivially as close as random pairs: say the cause
             findings.pop("no_invariance", None)
         issued = []

@@ -487,10 +487,14 @@ def test_small_images_are_evaluated_whole_and_large_ones_with_the_reference_bord
     torch.testing.assert_close(out, expected)  # nothing cropped, nothing resampled
 
 
-def test_small_view_set_crops_at_least_thirty_percent() -> None:
+def test_small_view_set_crops_at_least_thirty_percent_jitters_only_brightness_contrast_and_does_not_flip() -> None:
     from sfrik_scale.data.transforms import AUGMENTATIONS
 
     v1, v2 = AUGMENTATIONS.get("small")(32)
     au, _ = AUGMENTATIONS.get("alignment_uniformity")(32)
-    assert v1 == v2 and v1.crop_scale == (0.3, 1.0) and v1.size == 32
-    assert dataclasses.replace(v1, crop_scale=au.crop_scale) == au
+    assert v1 == v2 and v1.crop_scale == (0.3, 1.0) and v1.size == 32 and v1.flip_p == 0.0
+    assert (v1.saturation, v1.hue, v1.grayscale_p) == (0.0, 0.0, 0.0) and v1.jitter_p == au.jitter_p == 1.0
+    assert dataclasses.replace(v1, crop_scale=au.crop_scale, flip_p=au.flip_p, saturation=au.saturation,
+                               hue=au.hue, grayscale_p=au.grayscale_p) == au
+    flip1, flip2 = AUGMENTATIONS.get("small_flip")(32)
+    assert flip1 == flip2 == dataclasses.replace(v1, flip_p=0.5)

@@ -196,7 +196,7 @@ def test_raw_pixel_probe_reads_the_flattened_input(one_process):
 def test_supervised_upper_bound_trains_a_random_init_backbone_end_to_end(one_process):
     r = one_process["results"]["supervised"]
     assert r["kind"] == "supervised" and r["source"]["random_init"] and r["source"]["tag"] is None
-    assert r["hyperparameters"]["finetune"] and r["hyperparameters"]["backbone_lr"] == 0.1
+    assert r["hyperparameters"]["finetune"] and r["hyperparameters"]["backbone_lr"] == 0.05
     assert 0 <= r["metrics"]["top1"] <= 100 and r["metrics"]["epochs"] == 1
 
 
