@@ -2,32 +2,33 @@
 
 Each command lives with the code it drives: a module listed in ``COMMAND_MODULES`` defines
 ``add_commands(subparsers)``, which adds its sub-parsers and sets ``handler=fn(args, extra)``
-on each. This module only wires them up, and turns input errors (ValueError and friends)
-into one clear line and exit status 2 instead of a traceback.
+on each. This module only wires them up; `sfrik_scale.errors.run_command` turns input errors
+into one clear line and exit status 2 (run failures: exit 1) instead of a traceback.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from typing import Optional, Sequence
 
+from sfrik_scale import benchmarks, export, pretrain
+from sfrik_scale.errors import run_command
+from sfrik_scale.eval import cli as eval_cli
+from sfrik_scale.planning import cli as planning_cli
+
 #: modules contributing sub-commands, in help order
 COMMAND_MODULES = (
-    "sfrik_scale.pretrain",      # pretrain
-    "sfrik_scale.checkpoint",    # export
-    "sfrik_scale.benchmarks",    # bench loss|...
-    "sfrik_scale.eval.cli",      # linear-eval, knn-eval, finetune, svm-eval, report
-    "sfrik_scale.profiling.cli",  # profile-memory, plan
+    pretrain,       # pretrain
+    export,         # export
+    benchmarks,     # bench loss|...
+    eval_cli,       # linear-eval, knn-eval, finetune, supervised, svm-eval, report
+    planning_cli,   # profile-memory, plan
 )
+
+__all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
 #: commands that take free-form dotted overrides after their options
 _PASS_THROUGH = {"pretrain"}
-
-
-def one_line(message: object) -> str:
-    """The message on one line: control characters a user typed (\\r, \\n, ...) are escaped."""
-    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in str(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="DeepSpeed-scaled self-supervised learning with rotation-invariant kernels (SFRIK).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
-        importlib.import_module(module).add_commands(sub)
+        module.add_commands(sub)
     return parser
 
 
@@ -45,18 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in _PASS_THROUGH:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return int(args.handler(args, extra) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"sfrik-scale {args.command}: error: {one_line(message)}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:  # our own run failures (a peer died, disk full...) carry their story
-        if not type(err).__module__.startswith("sfrik_scale"):
-            raise
-        print(f"sfrik-scale {args.command}: {type(err).__name__}: {one_line(err)}", file=sys.stderr)
-        return 1
-
+    return run_command(args.command, lambda: args.handler(args, extra))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import re
@@ -36,17 +35,14 @@ from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from sfrik_scale.ds_config import check_extra, expand_ds_template
+from sfrik_scale.errors import ConfigError
+from sfrik_scale.errors import short as _short
+from sfrik_scale.errors import suggest as _suggest
+
 CONFIG_FILENAME = "config.yaml"
 DEFAULT_RECIPE = "demo"
 LR_REFERENCE_BATCH = 256  # lr = base_lr * global_batch_size / 256 (Goyal et al.; VICReg; SFRIK)
-
-
-class ConfigError(ValueError):
-    """An invalid configuration value; ``key`` is the dotted key at fault (``"train.epochs"``)."""
-
-    def __init__(self, key: str, message: str) -> None:
-        self.key = key
-        super().__init__(f"{key}: {message}")
 
 
 def _f(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING) -> Any:
@@ -391,7 +387,6 @@ def load_config(source: Optional[str] = None, overrides: Sequence[str] = (),
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError("--config", f"{origin} must hold a mapping of sections, got {type(raw).__name__}")
-    from sfrik_scale.ds_config import expand_ds_template  # deferred: ds_config imports this module
 
     # A ds_config template applies where it is named: under the recipe's own deepspeed fields
     # when the recipe names it, over the recipe (and under later overrides) when an override does.
@@ -648,7 +643,6 @@ def _check_values(cfg: Config) -> None:
              "needs deepspeed.zero_stage >= 1 (ZeRO-Offload)")
     _require(ds.config_file is None, "deepspeed.config_file",
              "templates are expanded by load_config; build the Config with load_config(..., overrides)")
-    from sfrik_scale.ds_config import check_extra  # deferred: ds_config imports this module
 
     check_extra(ds.extra)
 
@@ -685,21 +679,8 @@ def _known(name: Any, known: Mapping[str, Any], prefix: str) -> None:
                                              f"known: {', '.join(known)}")
 
 
-def _suggest(name: str, choices: Sequence[str], prefix: str = "") -> str:
-    close = difflib.get_close_matches(str(name), list(choices), n=3, cutoff=0.6)
-    return f" (did you mean {' or '.join(prefix + c for c in close)}?)" if close else ""
-
-
 def _all_keys() -> list[str]:
     return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
-
-
-def _short(value: Any) -> str:
-    try:
-        text = repr(value)
-    except RecursionError:
-        return "<deeply nested value>"
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _plain(value: Any) -> Any:

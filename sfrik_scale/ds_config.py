@@ -26,7 +26,9 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
-from sfrik_scale.config import Config, ConfigError, _short, _suggest
+from sfrik_scale.errors import ConfigError
+from sfrik_scale.errors import short as _short
+from sfrik_scale.errors import suggest as _suggest
 
 DS_CONFIG_FILENAME = "ds_config.json"
 STEPS_PER_PRINT_NEVER = 1_000_000_000  # DeepSpeed's own periodic prints stay off; sfrik_scale.monitor logs
@@ -61,8 +63,9 @@ _OWNED = {
 
 # --------------------------------------------------------------------------- the builder
 
-def build_ds_config(cfg: Config, world_size: int) -> Dict[str, Any]:
-    """The DeepSpeed config dict for ``cfg`` trained by ``world_size`` data-parallel processes.
+def build_ds_config(cfg: Any, world_size: int) -> Dict[str, Any]:
+    """The DeepSpeed config dict for ``cfg`` (a `sfrik_scale.config.Config`) trained by ``world_size``
+    data-parallel processes.
 
     Batch keys satisfy train_batch_size = train_micro_batch_size_per_gpu x
     gradient_accumulation_steps x world_size (checked; ConfigError naming the keys otherwise);

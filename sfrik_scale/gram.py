@@ -25,16 +25,13 @@ from typing import Optional, Union
 import torch
 
 from . import comm
+from .errors import NonFiniteInputError
 from .kernels import Kernel
 
 #: memory budget for the (n, c) block temporaries of one chunk when chunk_size is None
 DEFAULT_BLOCK_BYTES = 256 * 2**20
 #: how many (n, c) temporaries the kernel evaluation holds at once (t, P_l, P_l', ...)
 _BLOCK_TEMPORARIES = 8
-
-
-class NonFiniteInputError(ValueError):
-    """The embeddings given to a loss hold NaN or Inf (raised on every rank)."""
 
 
 def default_chunk_size(n: int, block_rows: int, itemsize: int = 4) -> int:

@@ -1,7 +1,7 @@
 """Rotation-invariant kernels on the sphere S^{q-1}: Legendre polynomials, the kernel
 family of the SFRIK paper, and the uniform-law constant b_0.
 
-Pure maths: no distributed code, no DeepSpeed (DESIGN rule 1).
+Pure maths: no distributed code, no DeepSpeed (docs/architecture.md: only comm talks to the process group).
 
 A kernel K(u, v) = phi(u.v) on S^{q-1} is positive definite iff
 phi = sum_l b_l P_l(q; .) with b_l >= 0 (Schoenberg, 1942), where P_l(q; .) is the

@@ -18,7 +18,7 @@ torchvision classifier with ``load_state_dict(strict=False)``, reporting only th
 missing; see :func:`backbone_state_dict_for_torchvision`.
 
 Distributed: this module makes no collective calls and imports neither deepspeed nor
-torch.distributed (DESIGN rule 1). Parallelism is applied from outside: the trainer calls
+torch.distributed (docs/architecture.md: only comm talks to the process group). Parallelism is applied from outside: the trainer calls
 :func:`convert_sync_batchnorm` and then ``deepspeed.initialize``.
 
 Example:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .checkpoint import atomic_write_text
+from .storage import atomic_write_text
 
 SUMMARY_FILE = "summary.json"
 

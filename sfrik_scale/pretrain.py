@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from .errors import run_command
+
 
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser("pretrain", help="self-supervised pretraining (DeepSpeed)",
@@ -47,11 +49,12 @@ def main_pretrain(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     world_size = int(os.environ["WORLD_SIZE"])
     cfg = load_config(args.config, overrides).validate(world_size)  # errors here, before any heavy start
 
+    from .eval.online import OnlineEvaluator
     from .topology import init_distributed
     from .train import Trainer
 
     topo = init_distributed(args.local_rank, timeout_s=cfg.train.collective_timeout_s)
-    return Trainer(cfg, topo).run()
+    return Trainer(cfg, topo, hooks=[OnlineEvaluator.from_config]).run()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -59,19 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
     args, extra = parser.parse_known_args(argv)
-    from .checkpoint import CheckpointWriteError
-    from .cli import one_line
-    from .train import NonFiniteLossError, NonFiniteStateError, RankFailureError
-
-    try:
-        return main_pretrain(args, extra)
-    except (ValueError, FileNotFoundError) as err:  # bad config or input: one clear line, exit status 2
-        print(f"sfrik-scale pretrain: error: {one_line(err)}", file=sys.stderr)
-        return 2
-    except (RankFailureError, CheckpointWriteError, NonFiniteLossError, NonFiniteStateError) as err:
-        print(f"sfrik-scale pretrain: {type(err).__name__}: {one_line(err)}", file=sys.stderr)
-        return 1
-
+    return run_command("pretrain", lambda: main_pretrain(args, extra))
 
 if __name__ == "__main__":
     sys.exit(main())

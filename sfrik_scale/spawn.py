@@ -8,18 +8,13 @@ seconds instead of blocking CI.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sfrik_scale.topology import free_port
 
 
 def _entry(fn: Callable, rank: int, world: int, port: int, queue, args: tuple) -> None:

@@ -41,7 +41,8 @@ def first_host(nodelist: str) -> str:
     return f"{prefix}{first}{suffix}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a single-node rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -68,7 +69,7 @@ def resolve_launch_env(env: MutableMapping[str, str], local_rank_arg: Optional[i
         launcher = "single"
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank_arg or 0))
         env.setdefault("MASTER_ADDR", "127.0.0.1")
-        env.setdefault("MASTER_PORT", str(_free_port()))
+        env.setdefault("MASTER_PORT", str(free_port()))
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", str(DEFAULT_PORT))
     if launcher in ("slurm", "single"):

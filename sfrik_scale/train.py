@@ -14,19 +14,22 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 
 from . import comm
-from .checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
+from .storage import atomic_write_text
 from .config import Config
 from .ds_config import build_ds_config
-from .gram import NonFiniteInputError
+from .errors import NonFiniteInputError
 from .health import RankHealth
+from .hooks import HookFactory
 from .learning_health import LearningHealthWatch, embedding_health
 from .monitor import Monitor
-from .profiling.phases import NullProfiler, build_profiler
+from .profiling.phases import NullProfiler
+from .profiling.step import build_profiler
 from .topology import Topology
 
 #: exit status after a preemption checkpoint (EX_TEMPFAIL): launchers/slurm.sbatch requeues on it
@@ -63,9 +66,13 @@ class TrainState:
 class Trainer:
     """SSL pretraining with a DeepSpeed engine. ``Trainer(cfg, topo).run()`` is the whole job."""
 
-    def __init__(self, cfg: Config, topo: Topology) -> None:
+    def __init__(self, cfg: Config, topo: Topology, hooks: Sequence[HookFactory] = ()) -> None:
+        """``hooks``: factories of the `sfrik_scale.hooks.TrainerHook` s the loop calls (the online
+        evaluation, which ``sfrik_scale.pretrain`` passes); none by default."""
         self.cfg = cfg
         self.topo = topo
+        self.hook_factories = tuple(hooks)
+        self.hooks: list = []
         self.run_dir = Path(cfg.train.run_dir)
         self.state = TrainState()
         self._stop_requested = False
@@ -92,9 +99,7 @@ class Trainer:
             warn=lambda text: self.monitor.print(f"[bold yellow]warning:[/] {text}"))
         self.profiler = build_profiler(cfg, self.run_dir, topo.device, topo.is_main, self.monitor)
         self.profiler.attach(self.engine.module)
-        from .eval.online import OnlineEvaluator
-
-        self.online = OnlineEvaluator.from_config(cfg, topo, self.monitor, self.engine.module)  # no-op when off
+        self.hooks = [make(cfg, topo, self.monitor, self.engine.module) for make in self.hook_factories]
         if topo.is_main:
             cfg.save(self.run_dir)
             atomic_write_text(self.run_dir / "ds_config.json", json.dumps(self.ds_config, indent=2) + "\n")
@@ -201,7 +206,8 @@ class Trainer:
         saved = client.get("train_state", {})
         self.state = TrainState(**{k: saved[k] for k in TrainState().to_dict() if k in saved})
         self.resumed_from = client["tag"]
-        self.online.load_state_dict(client.get("online_eval"))
+        for hook in self.hooks:
+            hook.load_state_dict(client.get(hook.key))
 
     # ------------------------------------------------------------------ one micro-step
     def train_step(self, view1: torch.Tensor, view2: torch.Tensor) -> dict:
@@ -304,7 +310,8 @@ class Trainer:
                 break
             view1, view2, labels = batch
             result = self.train_step(view1, view2)
-            self.online.on_step(labels, skip=result["nonfinite"])  # detached head on this batch's features
+            for hook in self.hooks:  # e.g. the online head on this batch's detached features
+                hook.on_step(labels, skip=result["nonfinite"])
             micro += 1
             if result["nonfinite"]:  # every rank is here together: the flag was all-reduced
                 report = self.nonfinite_report(result)
@@ -345,7 +352,8 @@ class Trainer:
         finished = st.samples_in_epoch >= self.steps_per_epoch * t.global_batch_size
         record = self._epoch_record(sums, count, skipped, images, start, partial=not finished)
         if finished or st.step >= self.total_steps:  # every rank: the evaluation holds collectives
-            record.update(self.online.on_epoch_end(self.engine.module, st.epoch, st.step))
+            for hook in self.hooks:
+                record.update(hook.on_epoch_end(self.engine.module, st.epoch, st.step))
         mon.end_epoch(record)
         if finished:
             st.epoch += 1
@@ -470,10 +478,9 @@ class Trainer:
                                                      "what": "non-finite parameters before a checkpoint"})
             raise NonFiniteStateError(f"parameters are non-finite at step {self.state.step}; no checkpoint was "
                                       f"written, the last complete one in {self.run_dir / 'checkpoints'} is intact")
-        online = getattr(self, "online", None)
         client = {"train_state": self.state.to_dict(), "config": self.cfg.to_dict(),
-                  "online_eval": online.state_dict() if online is not None else None,
-                  "sampler": self.loader.sharded_sampler.state_dict(self.state.samples_in_epoch)}
+                  "sampler": self.loader.sharded_sampler.state_dict(self.state.samples_in_epoch),
+                  **{hook.key: hook.state_dict() for hook in self.hooks}}
         tag = save_checkpoint(self.engine, self.run_dir, self.state.step, client, self.topo.rank,
                               self.cfg.train.keep_last)
         self._last_checkpoint_step = self.state.step
@@ -498,9 +505,8 @@ class Trainer:
                                   bad_files=self.loader.bad_files.as_dict() if hasattr(self, "loader") else {})
             monitor.close()
         self.profiler.close()
-        online = getattr(self, "online", None)
-        if online is not None:
-            online.close()
+        for hook in self.hooks:
+            hook.close()
 
     def run(self) -> int:
         """The whole job. A failure on any rank is recorded for its peers (health.py), and an

@@ -30,7 +30,7 @@ OVERRIDE = st.one_of(
 class _NoTraining:
     """Stands in for the Trainer: a valid config must not start a run in these tests."""
 
-    def __init__(self, cfg, topo):
+    def __init__(self, cfg, topo, hooks=()):
         pass
 
     def run(self) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +27,7 @@ from sfrik_scale.ds_config import (
     build_ds_config,
     check_batch_keys,
 )
+from sfrik_scale.topology import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 PAPER_RECIPES = {
@@ -341,10 +341,6 @@ for name, config in json.load(open(sys.argv[1])):
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_deepspeed_initialize_runs_a_step_with_every_stage_in_fp32_and_bf16(tmp_path):
@@ -358,7 +354,7 @@ def test_deepspeed_initialize_runs_a_step_with_every_stage_in_fp32_and_bf16(tmp_
         configs.append((f"zero{stage}_{precision}{'_offload' if offload else ''}", build_ds_config(cfg, 1)))
     (tmp_path / "configs.json").write_text(json.dumps(configs))
     (tmp_path / "run.py").write_text(_INITIALIZE_SCRIPT)
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
            "WORLD_SIZE": "1", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "configs.json")],

@@ -256,7 +256,7 @@ def test_linear_eval_resumes_after_an_interrupted_epoch(pretrain_run, one_proces
 
 
 def test_knn_eval_reads_an_export_like_the_run_and_random_init_differs(pretrain_run, one_process, tmp_path, clean_env):
-    from sfrik_scale.checkpoint import export_run
+    from sfrik_scale.export import export_run
 
     export_run(pretrain_run, tmp_path / "export")
     argv = ["knn-eval", str(tmp_path / "export"), "--k", "5", "20", *_data_args(tmp_path / "knn_export")]

@@ -6,7 +6,6 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-import sfrik_scale.data.real  # noqa: F401,E402  (registers "digits")
 from sfrik_scale.data import DATASETS, build_dataset, build_pretrain_dataset  # noqa: E402
 from sfrik_scale.data.real import digits_split_indices  # noqa: E402
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from sfrik_scale import optim
+from sfrik_scale.topology import free_port
 
 from . import _zero_worker as zw
 
@@ -230,10 +230,6 @@ def test_build_scheduler_rejects_bad_arguments(bad):
 # ----------------------------------------------------------------------------------------
 # 2 gloo ranks through deepspeed.initialize (tests/_zero_worker.py) vs one process.
 # ----------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +238,7 @@ def zero_results(tmp_path_factory) -> Dict[str, dict]:
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed")
     out = tmp_path_factory.mktemp("zero")
-    env = {**os.environ, "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+    env = {**os.environ, "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     procs, logs = [], []

@@ -15,10 +15,10 @@ import torch
 from sfrik_scale.config import Config
 from sfrik_scale.models import build_model
 from sfrik_scale.profiling.accounting import TensorByteTracker, live_tensors, storage_bytes
-from sfrik_scale.profiling.phases import build_profiler
-from sfrik_scale.profiling.plan import plan
-from sfrik_scale.profiling.simulate import Scenario, simulate
-from sfrik_scale.profiling.tables import compact, memory_rows, scaling_rows, to_markdown, write_csv
+from sfrik_scale.profiling.step import build_profiler
+from sfrik_scale.planning.plan import plan
+from sfrik_scale.planning.simulate import Scenario, simulate
+from sfrik_scale.planning.tables import compact, memory_rows, scaling_rows, to_markdown, write_csv
 
 F32 = 4
 
@@ -159,7 +159,7 @@ def test_cuda_scopes_fold_the_single_allocator_peak_into_nested_windows(monkeypa
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_simulated_peak_matches_a_measured_gpu_run(tmp_path):
-    from sfrik_scale.profiling.sweep import Point, measure
+    from sfrik_scale.planning.sweep import Point, measure
 
     point = Point("sfrik", 8192, 64, 0, "bf16")
     (measured,) = measure([point], tmp_path, backbone="resnet50", hidden="8192-8192", world_size=1, steps=3,
@@ -201,8 +201,8 @@ def test_simulated_zero3_vicreg_matches_a_real_two_rank_run(tmp_path):
     """ZeRO 3, bf16, 2 CPU ranks under torch.distributed.run, VICReg: measured by the tracker
     against the simulator within 5%. The simulator must use DeepSpeed's memory-efficient
     F.linear (a ZeRO-3 engine installs it): with plain F.linear it overstates this run by 6%."""
-    from sfrik_scale.profiling.engines import DeepSpeedBuckets
-    from sfrik_scale.profiling.sweep import Point, measure
+    from sfrik_scale.planning.engines import DeepSpeedBuckets
+    from sfrik_scale.planning.sweep import Point, measure
 
     point = Point("vicreg", 1024, 32, 3, "bf16")
     (measured,) = measure([point], tmp_path, backbone="tiny_cnn", hidden="256-256", world_size=2, image_size=32,
@@ -225,7 +225,7 @@ def test_simulated_ring_gram_holds_two_exchange_blocks_per_view_at_world_size_ab
 
 @pytest.mark.slow
 def test_simulated_paper_figures_match_the_published_ones_at_batch_256():
-    from sfrik_scale.profiling.paper import paper_gb
+    from sfrik_scale.planning.paper import paper_gb
 
     for method in ("sfrik", "vicreg"):
         est = simulate(Scenario(method=method, global_batch=256, world_size=8, implementation="paper"))

@@ -12,22 +12,19 @@ within each class, in the file's order, every fifth image (positions 4, 9, 14, .
 on black, upsampled to ``image_size`` (bilinear) and returned as RGB PIL images (three
 equal channels), like the other datasets of ``sfrik_scale.data``.
 
-Registered into ``sfrik_scale.data.DATASETS`` on import::
+Registered as "digits" in ``sfrik_scale.data.DATASETS`` (`sfrik_scale.data.datasets`)::
 
-    import sfrik_scale.data.real  # noqa: F401  (sfrik_scale/data/__init__.py does this)
     ds = build_dataset("digits", split="val", image_size=32)
 
 scikit-learn is imported lazily, when a digits dataset is built.
 """
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import List, Tuple
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
-
-from sfrik_scale.data import DATASETS
 
 DIGITS_VAL_EVERY = 5  # every 5th image of each class is held out
 
@@ -88,8 +85,3 @@ class SklearnDigits(Dataset):
 
     def __repr__(self) -> str:
         return f"SklearnDigits(split={self.split!r}, {len(self)} images, image_size={self.image_size})"
-
-
-@DATASETS.register("digits")
-def _digits(*, split: str = "train", image_size: int = 32, **_: Any) -> Dataset:
-    return SklearnDigits(split=split, image_size=image_size)

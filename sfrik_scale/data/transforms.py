@@ -4,7 +4,7 @@ A view is described by one `ViewAugmentation` (a frozen dataclass, or the equiva
 dict from a YAML recipe); `build_view_transform` turns it into a pipeline of small
 operators, each built by one function of `VIEW_OPS` and left out when its
 probability is 0 (solo-learn style). `TwoViewTransform(desc1, desc2)` applies both
-pipelines to one image. The DALI pipeline (issue #4) reads the same descriptions.
+pipelines to one image. The DALI pipeline (`sfrik_scale.data.dali`) reads the same descriptions.
 
 Pipeline of one view, in order (the VICReg / SimCLR order):
     RandomResizedCrop -> horizontal flip -> colour jitter (with prob.) -> grayscale

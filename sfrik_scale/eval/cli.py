@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..errors import run_command
+
 COMMANDS = ("linear-eval", "knn-eval", "finetune", "supervised", "svm-eval", "report")
 
 
@@ -449,13 +451,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "local_rank", None) is None and args.launcher_local_rank is not None:
         args.local_rank = args.launcher_local_rank
-    try:
-        return int(args.handler(args, ()) or 0)
-    except (ValueError, KeyError, FileNotFoundError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"sfrik-scale {args.command}: error: {message}", file=sys.stderr)
-        return 2
-
+    return run_command(args.command, lambda: args.handler(args, ()))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import comm
-from ..checkpoint import atomic_write_text
+from ..storage import atomic_write_text
 from ..topology import Topology, resolve_launch_env
 
 RESULT_FILE = "result.json"

@@ -20,7 +20,6 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import Dataset
 
-import sfrik_scale.data.real  # noqa: F401  (registers "digits")
 from ..data import ViewAugmentation, build_dataset, build_eval_transform, build_view_transform, mix_seed
 
 _AUGMENT_STREAM = 0x1E7A

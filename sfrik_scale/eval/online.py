@@ -52,6 +52,7 @@ from .. import comm
 from ..topology import Topology
 from .common import average_floating_state, gather_rows, sum_over_ranks, topk_correct
 from .data import EvalDataSpec, eval_view, num_classes_of
+from ..hooks import TrainerHook
 from .features import extract_features
 from .knn import knn_votes
 from .subsets import balanced_subset, dataset_labels
@@ -59,25 +60,10 @@ from .subsets import balanced_subset, dataset_labels
 DEFAULT_SYNTHETIC_VAL_SIZE = 2000
 
 
-class NullOnlineEvaluator:
+class NullOnlineEvaluator(TrainerHook):
     """Online evaluation switched off: every hook does nothing."""
 
-    enabled = False
-
-    def on_step(self, labels: torch.Tensor, skip: bool = False) -> None:
-        pass
-
-    def on_epoch_end(self, model: nn.Module, epoch: int, step: int) -> dict:
-        return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: Optional[dict]) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+    key = "online_eval"
 
 
 class OnlineEvaluator(NullOnlineEvaluator):

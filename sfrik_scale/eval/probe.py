@@ -3,7 +3,7 @@ whose regularisation is chosen on held-out training images.
 
     sfrik-scale linear-eval RUN_DIR --protocol features      # the default up to 64 px
 
-The fast, protocol-free standard of docs/evaluation.md (DESIGN section 5): no augmentation,
+The fast, protocol-free standard of docs/evaluation.md: no augmentation,
 no learning-rate schedule to tune, seconds on a CPU for datasets of up to ~10^5 images.
 
 1. Every image of the labelled train split and of the val split goes once through the
@@ -30,7 +30,6 @@ import time
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
 
 from .common import base_result, finish_result, gather_rows
 

@@ -1,4 +1,4 @@
-"""Self-supervised losses on two views, all keeping one contract (DESIGN.md section 2).
+"""Self-supervised losses on two views, all keeping one contract (the distributed contract of docs/architecture.md).
 
 Called as ``loss(z1, z2)`` on this rank's raw projector outputs, shape (batch, q); each
 normalises where its method does and returns a dict with a differentiable "loss" and

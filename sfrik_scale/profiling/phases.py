@@ -3,6 +3,7 @@
 The trainer wraps each phase of a step in ``with profiler.phase(name):`` (names in
 ``PHASES``) and calls ``profiler.attach(model)`` once, so that a real profiler can add
 module hooks (backbone and projector forward); ``profiler.end_step(step)`` closes a step.
+`sfrik_scale.profiling.step.build_profiler` chooses between `NullProfiler` and the real one.
 """
 from __future__ import annotations
 
@@ -29,12 +30,3 @@ class NullProfiler:
 
     def close(self) -> None:
         pass
-
-
-def build_profiler(cfg: Any, run_dir: Any, device: Any, is_main: bool, monitor: Any = None):
-    """The profiler for ``cfg.profiling`` (a NullProfiler when disabled)."""
-    if not getattr(cfg.profiling, "enabled", False):
-        return NullProfiler()
-    from .step import StepProfiler  # issue 5: the real one
-
-    return StepProfiler(cfg, run_dir, device, is_main, monitor)

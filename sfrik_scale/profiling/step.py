@@ -1,6 +1,6 @@
 """The trainer's memory profiler: peak memory per phase of a step and per module.
 
-Built by ``phases.build_profiler`` when ``profiling.enabled`` is true (the default
+Built by `build_profiler` when ``profiling.enabled`` is true (the default
 ``NullProfiler`` costs one attribute lookup per call). The trainer marks the phases of a
 step (``with profiler.phase("loss"):``), calls ``attach(model)`` once and
 ``end_step(step)`` after each optimiser step; the forward phases (``backbone_forward``,
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .accounting import Scope, TensorByteTracker, live_tensors, storage_bytes
-from .phases import PHASES
+from .phases import PHASES, NullProfiler
 
 MEMORY_DIR = "memory"
 #: phases measured by module hooks rather than by the trainer's ``phase`` blocks
@@ -302,3 +302,10 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def build_profiler(cfg: Any, run_dir: Any, device: Any, is_main: bool, monitor: Any = None):
+    """The profiler for ``cfg.profiling``: a `StepProfiler`, or a `NullProfiler` when disabled."""
+    if not getattr(cfg.profiling, "enabled", False):
+        return NullProfiler()
+    return StepProfiler(cfg, run_dir, device, is_main, monitor)

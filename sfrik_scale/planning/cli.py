@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -190,7 +189,6 @@ def main_plan(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from rich.table import Table
 
     from .plan import plan
-    from .simulate import Scenario
 
     template = _plan_template(args)
     result = plan(args.memory_gb * 1e9, template, multiple=args.multiple, max_batch=args.max_batch)
@@ -248,8 +246,3 @@ def _plan_template(args: argparse.Namespace):
     return dataclasses.replace(base, projector=projector, implementation=args.implementation, buckets=buckets,
                                global_batch=2 * args.world_size, **changes)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from ..cli import main
-
-    sys.exit(main(["profile-memory", *sys.argv[1:]]))

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .accounting import TensorByteTracker
+from ..profiling.accounting import TensorByteTracker
 from .engines import DDPAmpEngine, DeepSpeedBuckets, DeepSpeedEngine
 
 Implementation = Literal["paper", "trainer"]

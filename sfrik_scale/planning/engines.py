@@ -43,7 +43,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
-from .accounting import TensorByteTracker
+from ..profiling.accounting import TensorByteTracker
 from .reference import paper_lars_step
 
 #: DDP's default bucket cap and first bucket (torch.nn.parallel.DistributedDataParallel)

@@ -1,0 +1,106 @@
+"""Datasets by name: the `DATASETS` registry and what builds from it.
+
+``build_dataset(name, **options)`` gives an ``(image, label)`` dataset: "synthetic"
+(procedurally generated, no download), "digits" (scikit-learn's bundled handwritten digits,
+`sfrik_scale.data.real`), "image_folder" (``root/<class>/<image>``) and "file_list"
+(``path label`` lines). ``build_eval_dataset`` adds the evaluation transform.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+from torch.utils.data import Dataset
+
+from sfrik_scale.data.folder import BadFileLog, FileListDataset, ImageFolderDataset
+from sfrik_scale.data.real import SklearnDigits
+from sfrik_scale.data.synthetic import SyntheticShapes
+from sfrik_scale.data.transforms import build_eval_transform
+from sfrik_scale.registry import Registry
+
+
+# ---------------------------------------------------------------------------------
+# Datasets by name.
+# ---------------------------------------------------------------------------------
+DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
+
+
+@DATASETS.register("synthetic")
+def _synthetic(*, split: str = "train", image_size: int = 32, seed: int = 0, num_samples: Optional[int] = None,
+               num_classes: int = 10, **_: Any) -> Dataset:
+    if num_samples is None:
+        num_samples = 10_000 if split == "train" else 2_000
+    return SyntheticShapes(num_samples=num_samples, num_classes=num_classes, image_size=image_size,
+                           split=split, seed=seed)
+
+
+@DATASETS.register("image_folder")
+def _image_folder(*, root: Optional[str] = None, first_k_per_class: Optional[int] = None, strict: bool = False,
+                  allow_empty_classes: bool = False, **_: Any) -> Dataset:
+    if root is None:
+        raise ValueError("dataset 'image_folder' needs root=<folder with one sub-folder per class>")
+    return ImageFolderDataset(root, first_k_per_class=first_k_per_class, strict=strict,
+                              allow_empty_classes=allow_empty_classes)
+
+
+@DATASETS.register("file_list")
+def _file_list(*, list_file: Optional[str] = None, root: Optional[str] = None,
+               first_k_per_class: Optional[int] = None, strict: bool = False, **_: Any) -> Dataset:
+    if list_file is None:
+        raise ValueError("dataset 'file_list' needs list_file=<text file of 'path label' lines>")
+    return FileListDataset(list_file, root=root, first_k_per_class=first_k_per_class, strict=strict)
+
+
+@DATASETS.register("digits")
+def _digits(*, split: str = "train", image_size: int = 32, **_: Any) -> Dataset:
+    return SklearnDigits(split=split, image_size=image_size)
+
+
+def _dataset_keys() -> set:
+    keys = set()
+    for name in DATASETS:
+        params = inspect.signature(DATASETS.get(name)).parameters.values()
+        keys |= {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    return keys
+
+
+def build_dataset(name: str = "synthetic", **kwargs: Any) -> Dataset:
+    """The ``(image, label)`` dataset registered as ``name`` ("synthetic", "image_folder", "file_list").
+
+    One data config can be passed whole: a key that another dataset uses is ignored
+    (split, image_size, seed, num_samples, num_classes for synthetic; root, list_file,
+    first_k_per_class, strict, allow_empty_classes for files), a key no dataset uses
+    raises ValueError naming it (a typo must not silently change the data).
+    """
+    factory = DATASETS.get(name)
+    unknown = sorted(set(kwargs) - _dataset_keys())
+    if unknown:
+        raise ValueError(f"unknown dataset option(s) {unknown}; known: {sorted(_dataset_keys())}")
+    return factory(**kwargs)
+
+
+def build_eval_dataset(name: str = "synthetic", *, image_size: int = 32, split: str = "val", **kwargs: Any) -> Dataset:
+    """``(image float32 (3, S, S), label)`` through `build_eval_transform` (resize to eval_resize_size(S): 256/224 x S, or S up to 64 px; center crop S)."""
+    base = build_dataset(name, image_size=image_size, split=split, **kwargs)
+    return TransformedDataset(base, build_eval_transform(image_size))
+
+
+class TransformedDataset(Dataset):
+    """``(transform(image), label)`` over an ``(image, label)`` dataset; ``bad_files`` passes through."""
+
+    def __init__(self, base: Dataset, transform: Callable) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def bad_files(self) -> BadFileLog:
+        return getattr(self.base, "bad_files", BadFileLog())
+
+    def __getitem__(self, index: int):
+        img, label = self.base[index]
+        return self.transform(img), label
+
+    def __repr__(self) -> str:
+        return f"TransformedDataset({self.base!r})"

@@ -1,0 +1,150 @@
+"""The package's structure (docs/architecture.md): no import cycle, imports only point down the
+layers, one error handler and one free_port. Read from the source with `ast`, nothing imported."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "sfrik_scale"
+
+
+def _modules() -> dict[str, Path]:
+    mods = {}
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        mods[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = path
+    return mods
+
+
+MODULES = _modules()
+
+
+def _targets(module: str, node: ast.AST) -> list[str]:
+    """The package modules an import statement of ``module`` loads (relative imports resolved;
+    ``from pkg import sub`` counts as importing pkg.sub when sub is a module)."""
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    else:
+        if node.level:
+            base = module.split(".")
+            if MODULES[module].name != "__init__.py":
+                base = base[:-1]
+            base = base[:len(base) - (node.level - 1)]
+            target = ".".join(base + ([node.module] if node.module else []))
+        else:
+            target = node.module or ""
+        names = [f"{target}.{a.name}" if f"{target}.{a.name}" in MODULES else target for a in node.names]
+    return [n for n in names if n in MODULES and n not in ("sfrik_scale", module)]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every import of every module, at module level or inside functions (a deferred import is
+    still a dependency), except under ``if TYPE_CHECKING:``."""
+    graph = {}
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        typing_only = {id(n) for block in ast.walk(tree)
+                       if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+                       for n in ast.walk(block)}
+        graph[module] = {t for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+                         and id(n) not in typing_only for t in _targets(module, n)}
+    return graph
+
+
+GRAPH = _import_graph()
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle():
+    assert _cycles(GRAPH) == []
+
+
+def _under(module: str, prefixes: tuple[str, ...]) -> bool:
+    return any(module == f"sfrik_scale.{p}" or module.startswith(f"sfrik_scale.{p}.") for p in prefixes)
+
+
+#: (modules, what they must not import): the layer rules of docs/architecture.md
+LAYER_RULES = [
+    # the building blocks never read the run configuration nor know who drives them
+    (("kernels", "comm", "gram", "losses", "models", "optim", "data", "learning_health", "health", "topology"),
+     ("config", "ds_config", "train", "pretrain", "eval", "planning", "cli", "benchmarks")),
+    # the trainer is driven from above: evaluation plugs in through hooks, planning sits beside it
+    (("train",), ("eval", "planning", "cli", "pretrain", "benchmarks")),
+    # runtime profiling sits below the trainer; simulation and planning beside the command line
+    (("profiling",), ("planning", "train", "pretrain", "cli", "eval")),
+    # storage, checkpoints, the monitor and the leaf modules know no model or config
+    (("errors", "registry", "storage", "hooks", "checkpoint", "monitor"),
+     ("config", "models", "train", "eval", "planning", "cli", "pretrain")),
+    # nothing below the command line imports it
+    (("kernels", "comm", "gram", "losses", "models", "optim", "data", "config", "ds_config", "train", "eval",
+      "profiling", "planning", "checkpoint", "export", "pretrain", "benchmarks"), ("cli",)),
+]
+
+
+@pytest.mark.parametrize("sources,forbidden", LAYER_RULES, ids=lambda x: "+".join(x[:3]))
+def test_imports_point_down_the_layers(sources, forbidden):
+    wrong = {m: sorted(t for t in GRAPH[m] if _under(t, forbidden)) for m in GRAPH if _under(m, sources)}
+    assert {m: t for m, t in wrong.items() if t} == {}
+
+
+def _definitions(name: str) -> list[str]:
+    return [m for m, path in MODULES.items()
+            for n in ast.walk(ast.parse(path.read_text()))
+            if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == name]
+
+
+def test_one_free_port_and_one_error_handler():
+    assert _definitions("free_port") == ["sfrik_scale.topology"]
+    assert _definitions("_free_port") == []
+    assert _definitions("run_command") == ["sfrik_scale.errors"]
+    assert _definitions("one_line") == ["sfrik_scale.errors"]
+    entry_points = ("sfrik_scale.cli", "sfrik_scale.pretrain", "sfrik_scale.eval.cli")
+    for module in entry_points:
+        assert "run_command(" in MODULES[module].read_text(), module
+    # no other place maps exceptions to the bad-input exit status
+    for module, path in MODULES.items():
+        if module != "sfrik_scale.errors":
+            assert "return 2\n" not in path.read_text().replace("return 2 *", ""), module
+
+
+def test_commands_are_registered_by_explicit_imports():
+    text = MODULES["sfrik_scale.cli"].read_text()
+    assert "importlib" not in text and "import_module" not in text
