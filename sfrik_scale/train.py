@@ -155,10 +155,10 @@ class Trainer:
         return "torchvision"
 
     def build_model(self) -> None:
-        from .losses import build_loss, loss_parameters
+        from .losses import build_loss_from_config
         from .models import batchnorm_in_fp32, build_model, convert_sync_batchnorm
 
-        m, lc = self.cfg.model, self.cfg.loss
+        m = self.cfg.model
         model = build_model(m.backbone, m.projector)
         # SyncBatchNorm is CUDA-only; it must be in place before deepspeed.initialize.
         if m.sync_bn and self.topo.world_size > 1 and self.topo.device.type == "cuda":
@@ -166,8 +166,7 @@ class Trainer:
         if self.cfg.deepspeed.precision != "fp32":
             batchnorm_in_fp32(model)  # DeepSpeed casts BN weights to bf16/fp16; statistics stay fp32
         self.model = model
-        kwargs = {k: getattr(lc, k) for k in loss_parameters(lc.name) if hasattr(lc, k)}
-        self.loss_fn = build_loss(lc.name, q=model.q, **kwargs)
+        self.loss_fn = build_loss_from_config(self.cfg.loss, q=model.q)
 
     def build_engine(self) -> None:
         import deepspeed

@@ -297,3 +297,20 @@ def test_cli_lists_profile_memory_and_plan():
 
     text = build_parser().format_help()
     assert "profile-memory" in text and "plan" in text
+
+
+@pytest.mark.parametrize("name", sorted(__import__("sfrik_scale.losses", fromlist=["LOSSES"]).LOSSES))
+def test_the_simulator_builds_every_loss_as_the_trainer_does(name):
+    """One build_loss_from_config for both: same keyword arguments, same loss, for every registered
+    loss with non-default options (the simulator once passed chunk_size to the kernel losses only)."""
+    from sfrik_scale.config import load_config
+    from sfrik_scale.losses import build_loss_from_config, loss_options
+
+    cfg = load_config(None, [f"loss.name={name}", "loss.chunk_size=96", "loss.sim_coeff=7.0", "loss.mmd_coeff=2.0",
+                             "loss.coeffs=[1.0,3.0]", "loss.std_coeff=5.0", "loss.cov_coeff=0.5",
+                             "loss.temperature=0.3", "loss.scale=1.5"]).validate(world_size=1)
+    scenario = Scenario.from_config(cfg, world_size=1, device="cpu")
+    trainer_kwargs = loss_options(name, cfg.loss)
+    assert "chunk_size" in trainer_kwargs or name == "simclr"  # every loss that blocks its work takes it
+    assert loss_options(name, scenario.loss_settings()) == trainer_kwargs
+    assert repr(build_loss_from_config(scenario.loss_settings(), q=64)) == repr(build_loss_from_config(cfg.loss, q=64))

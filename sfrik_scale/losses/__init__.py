@@ -35,7 +35,7 @@ from .simclr import SimCLRLoss
 from .vicreg import VICRegLoss
 
 __all__ = ["LOSSES", "AlignUniformLoss", "ContrastiveQuadraticLoss", "KernelMMDLoss", "SFRIKLoss",
-           "SimCLRLoss", "VICRegLoss", "build_loss", "loss_parameters"]
+           "SimCLRLoss", "VICRegLoss", "build_loss", "build_loss_from_config", "loss_options", "loss_parameters"]
 
 #: name -> loss class; every class takes ``q`` and ``group`` keywords
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
@@ -71,3 +71,18 @@ def build_loss(name: str, q: int, **kwargs: Any) -> nn.Module:
     if unknown:
         raise ValueError(f"loss {name!r} does not take {', '.join(unknown)}; it takes {', '.join(accepted)}")
     return cls(q=q, **kwargs)
+
+
+def loss_options(name: str, settings: Any) -> dict:
+    """The keyword arguments of the loss ``name`` found on ``settings``, an object with one
+    attribute per option (a run's ``cfg.loss``); an option absent or None keeps the loss's default."""
+    return {k: getattr(settings, k) for k in loss_parameters(name) if getattr(settings, k, None) is not None}
+
+
+def build_loss_from_config(settings: Any, q: int) -> nn.Module:
+    """The loss ``settings.name`` with the options on ``settings`` (see `loss_options`).
+
+    The one way a run's loss is built: by the trainer from ``cfg.loss``, and by the memory
+    simulator (`sfrik_scale.planning.simulate`) from the scenario's copy of the same options.
+    """
+    return build_loss(settings.name, q=q, **loss_options(settings.name, settings))

@@ -35,7 +35,8 @@ import contextlib
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Optional
+from types import SimpleNamespace
+from typing import Any, Iterator, Literal, Optional, Tuple
 
 import torch
 from torch import nn
@@ -74,7 +75,11 @@ class Scenario:
         zero_stage, precision: the trainer's DeepSpeed settings (ignored for "paper", which
             is fp16 autocast over fp32 weights).
         device: "cuda" (fake CUDA tensors, 512-byte allocator blocks) or "cpu" (exact bytes).
-        chunk_size: ``loss.chunk_size`` for the trainer's kernel losses.
+        chunk_size: ``loss.chunk_size`` (kernel losses: Gram rows per block; VICReg: covariance
+            columns per block).
+        loss_options: the loss's other options, as (name, value) pairs (``from_config`` copies
+            ``cfg.loss``; empty: the loss's defaults). The trainer and the simulator build the
+            loss through the same ``sfrik_scale.losses.build_loss_from_config``.
         buckets: DeepSpeed bucket settings (defaults: DeepSpeed's own).
         optimizer: the trainer's ``optim.name`` (lars, adamw, lamb); the paper used LARS.
         batchnorm_fp32: the trainer runs BatchNorm in fp32 under bf16/fp16
@@ -93,6 +98,7 @@ class Scenario:
     precision: str = "bf16"
     device: str = "cuda"
     chunk_size: Optional[int] = None
+    loss_options: Tuple[Tuple[str, Any], ...] = ()
     buckets: DeepSpeedBuckets = field(default_factory=DeepSpeedBuckets)
     optimizer: str = "lars"
     batchnorm_fp32: bool = True
@@ -122,13 +128,22 @@ class Scenario:
         on ``world_size`` GPUs; bucket sizes from the ds_config the trainer would build.
         With gradient accumulation, the per-GPU batch is the micro-batch."""
         from ..ds_config import build_ds_config
+        from ..losses import loss_options
 
         ds = build_ds_config(cfg, world_size)
+        options = {k: tuple(v) if isinstance(v, list) else v
+                   for k, v in loss_options(cfg.loss.name, cfg.loss).items() if k != "chunk_size"}
         return cls(method=cfg.loss.name, global_batch=ds["train_micro_batch_size_per_gpu"] * world_size,
                    world_size=world_size, backbone=cfg.model.backbone, projector=cfg.model.projector,
                    image_size=cfg.data.image_size, implementation="trainer", zero_stage=cfg.deepspeed.zero_stage,
                    precision=cfg.deepspeed.precision, device=device, chunk_size=cfg.loss.chunk_size,
-                   buckets=DeepSpeedBuckets.from_ds_config(ds), optimizer=cfg.optim.name)
+                   loss_options=tuple(sorted(options.items())), buckets=DeepSpeedBuckets.from_ds_config(ds),
+                   optimizer=cfg.optim.name)
+
+    def loss_settings(self) -> SimpleNamespace:
+        """The loss's settings as the trainer reads them from ``cfg.loss``: name and options (those
+        the loss ``method`` does not take are ignored by `build_loss_from_config`)."""
+        return SimpleNamespace(**dict(self.loss_options), name=self.method, chunk_size=self.chunk_size)
 
     @property
     def per_gpu_batch(self) -> int:
@@ -255,10 +270,9 @@ def _build_loss(s: Scenario, q: int):
         from .reference import PAPER_LOSSES
 
         return PAPER_LOSSES[s.method](q, s.world_size)
-    from ..losses import build_loss
+    from ..losses import build_loss_from_config
 
-    kwargs = {"chunk_size": s.chunk_size} if s.method in ("sfrik", "contrastive", "align_uniform") else {}
-    loss = build_loss(s.method, q=q, **kwargs)
+    loss = build_loss_from_config(s.loss_settings(), q=q)
     kernel = getattr(loss, "kernel", None)
     if kernel is not None:
         kernel.b0  # computed (by quadrature for some kernels) and cached now, on real numbers
