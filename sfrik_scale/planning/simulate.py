@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Iterator, Literal, Optional, Tuple
@@ -397,8 +398,8 @@ def shape_only_input_checks() -> Iterator[None]:
 
     patched: list[tuple[Any, str, Any]] = []
     targets = [(gram, "validate_embeddings", _check_shapes)]
-    for name in ("_common", "kernel_mmd", "vicreg", "simclr", "align_uniform", "contrastive", "sfrik"):
-        module = importlib.import_module(f"{losses.__name__}.{name}")
+    for info in pkgutil.iter_modules(losses.__path__):  # every loss module, whatever its name
+        module = importlib.import_module(f"{losses.__name__}.{info.name}")
         if hasattr(module, "validate_views"):
             targets.append((module, "validate_views", _check_view_shapes))
         if hasattr(module, "validate_embeddings"):
