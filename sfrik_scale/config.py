@@ -343,6 +343,16 @@ def list_recipes() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def recipe_summary(name: str) -> Tuple[str, str]:
+    """(description, what it runs on) of a built-in recipe, from its comment header: the text
+    after ``# NAME:`` on its first line, and its ``# Runs on:`` line."""
+    header = [line[1:].strip() for line in recipe_text(name).splitlines() if line.startswith("#")]
+    first = header[0] if header else ""
+    description = first.split(":", 1)[1].strip() if first.startswith(f"{name}:") else first
+    runs_on = next((line[len("Runs on:"):].strip() for line in header if line.startswith("Runs on:")), "")
+    return description, runs_on
+
+
 def recipe_text(name: str) -> str:
     """The YAML text of a built-in recipe (with its comment header)."""
     if name not in list_recipes():

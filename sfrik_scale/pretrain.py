@@ -34,10 +34,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main_pretrain(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
-    from .config import list_recipes, load_config
+    from .config import list_recipes, load_config, recipe_summary
 
     if args.list_recipes:
-        print("\n".join(list_recipes()))
+        for name in list_recipes():
+            description, runs_on = recipe_summary(name)
+            print(f"{name}\n    {description}" + (f"\n    runs on: {runs_on}" if runs_on else ""))
         return 0
     overrides = list(args.overrides) + [e for e in extra if "=" in e and not e.startswith("-")]
     unknown = [e for e in extra if e not in overrides]

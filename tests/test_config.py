@@ -19,6 +19,7 @@ from sfrik_scale.config import (
     describe_fields,
     list_recipes,
     load_config,
+    recipe_summary,
     recipe_text,
 )
 from sfrik_scale.ds_config import (
@@ -390,3 +391,19 @@ def test_any_override_either_loads_or_raises_config_error(overrides, world_size)
         return
     json.dumps(ds)  # a dict DeepSpeed can take
     assert ds["train_batch_size"] == cfg.train.global_batch_size
+
+
+@pytest.mark.parametrize("recipe", list_recipes())
+def test_every_recipe_says_what_it_is_and_what_it_runs_on(recipe):
+    description, runs_on = recipe_summary(recipe)
+    assert len(description) > 10 and not description.startswith(recipe)
+    assert "CPU" in runs_on or "GPU" in runs_on
+
+
+def test_list_recipes_prints_each_with_its_description_and_hardware():
+    proc = subprocess.run([sys.executable, "-m", "sfrik_scale.cli", "pretrain", "--list-recipes"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in list_recipes():
+        description, runs_on = recipe_summary(name)
+        assert f"{name}\n    {description}\n    runs on: {runs_on}" in proc.stdout
