@@ -16,11 +16,12 @@ import sys
 from typing import Optional, Sequence
 
 from .errors import run_command
+from .helptext import plain
 
 
 def add_commands(subparsers) -> None:
     parser = subparsers.add_parser("pretrain", help="self-supervised pretraining (DeepSpeed)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
     parser.set_defaults(handler=main_pretrain)
 
@@ -31,6 +32,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 loss.coeffs=[1,40,40]")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print every config key with its type, its value (the recipe's and overrides', else "
+                             "the default) and its help, then exit")
 
 
 def main_pretrain(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
@@ -41,6 +45,8 @@ def main_pretrain(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
             description, runs_on = recipe_summary(name)
             print(f"{name}\n    {description}" + (f"\n    runs on: {runs_on}" if runs_on else ""))
         return 0
+    if getattr(args, "show_config", False):
+        return _show_config(args, extra)
     overrides = list(args.overrides) + [e for e in extra if "=" in e and not e.startswith("-")]
     unknown = [e for e in extra if e not in overrides]
     if unknown:
@@ -59,8 +65,27 @@ def main_pretrain(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     return Trainer(cfg, topo, hooks=[OnlineEvaluator.from_config]).run()
 
 
+def _show_config(args: argparse.Namespace, extra: Sequence[str]) -> int:
+    """Every key of the configuration: type, value and help, as one table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .config import describe_fields, load_config
+
+    overrides = list(args.overrides) + [e for e in extra if "=" in e and not e.startswith("-")]
+    values = load_config(args.config, overrides).to_dict()
+    table = Table(title=f"configuration of {args.config or 'the demo (no --config)'}", show_lines=False)
+    for column in ("key", "type", "value", "help"):
+        table.add_column(column, overflow="fold")
+    for key, type_name, _default, help_text in describe_fields():
+        section, name = key.split(".", 1)
+        table.add_row(key, type_name, repr(values.get(section, {}).get(name)), help_text)
+    Console(soft_wrap=False).print(table)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sfrik_scale.pretrain", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m sfrik_scale.pretrain", description=plain(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
     args, extra = parser.parse_known_args(argv)

@@ -103,3 +103,36 @@ def test_missing_dataset_folder_is_a_clear_error_before_training(tmp_path, capsy
     with pytest.raises((ValueError, FileNotFoundError), match="nope"):
         trainer.build_data()
     assert not Path(tmp_path / "run").exists()
+
+
+def _options_without_help(parser, prefix=()):
+    import argparse
+
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                missing += _options_without_help(sub, (*prefix, name))
+        elif action.help is None and not isinstance(action, argparse._HelpAction):
+            missing.append(" ".join((*prefix, *(action.option_strings or [action.dest]))))
+    return missing
+
+
+def test_every_option_of_every_command_has_help():
+    assert _options_without_help(cli.build_parser()) == []
+
+
+def test_plan_with_a_negative_memory_budget_names_the_flag(capsys):
+    assert cli.main(["plan", "--memory-gb", "-5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "sfrik-scale plan: error: --memory-gb must be a positive number of GB, got -5"
+
+
+def test_show_config_lists_every_key_with_the_recipes_value(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
+    assert cli.main(["pretrain", "--show-config", "--config", "small_sfrik", "train.epochs=7"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("│")[1].strip(): line.split("│")[3].strip() for line in out.splitlines()
+            if line.startswith("│") and line.split("│")[1].strip()}
+    assert set(rows) == {key for key, *_ in config.describe_fields()}
+    assert rows["model.backbone"] == "'small_resnet'" and rows["train.epochs"] == "7"

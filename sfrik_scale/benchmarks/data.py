@@ -141,8 +141,8 @@ def add_parser(sub):
     data.add_argument("--jpeg-size", default="500x375", help="WxH of the generated JPEGs (ImageNet's typical size)")
     data.add_argument("--threads", type=int, default=None,
                       help="CPU threads: DALI threads = torchvision workers (default: all visible cores)")
-    data.add_argument("--batch-size", type=int, default=64)
-    data.add_argument("--image-size", type=int, default=224)
+    data.add_argument("--batch-size", type=int, default=64, help="images per batch (two views each)")
+    data.add_argument("--image-size", type=int, default=224, help="side of the crops in pixels")
     data.add_argument("--augmentations", default="sfrik", help="an AUGMENTATIONS name")
     data.add_argument("--epochs", type=int, default=2, help="timed epochs after one warm-up epoch")
     data.add_argument("--no-cpu-cost", action="store_true", help="skip the one-thread CPU-time measurement")

@@ -179,9 +179,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
 def add_parser(sub):
     loss = sub.add_parser("loss", help="kernel mean vs floor, dense Gram and VICReg; ring memory")
     loss.add_argument("--sizes", default="256x2048,1024x8192", help="NxQ pairs, comma-separated")
-    loss.add_argument("--repeats", type=int, default=3)
+    loss.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement (median reported)")
     loss.add_argument("--dist-n", type=int, default=64, help="rows per rank for the ring memory table")
-    loss.add_argument("--dist-q", type=int, default=262144)
+    loss.add_argument("--dist-q", type=int, default=262144, help="embedding width for the ring memory table")
     loss.add_argument("--worlds", default="1,2,4", help="rank counts for the ring table ('' to skip)")
     loss.add_argument("--skip", default="", help="comma-separated method substrings to skip (e.g. VICReg)")
     return loss

@@ -22,7 +22,7 @@ def add_parser(sub):
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.backbone=resnet18")
     p.add_argument("--steps", type=int, default=20, help="timed steps per repetition")
     p.add_argument("--repeats", type=int, default=3, help="alternating repetitions of both loops")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed ones")
     return p
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ..errors import run_command
+from ..helptext import plain
 
 COMMANDS = ("linear-eval", "knn-eval", "finetune", "supervised", "svm-eval", "report")
 
@@ -141,7 +142,7 @@ def add_commands(subparsers) -> None:
     knn.set_defaults(handler=main_knn)
 
     ft = subparsers.add_parser("finetune", help="semi-supervised fine-tuning (1 %% / 10 %% labels)",
-                               description=_doc("classifier"), formatter_class=fmt)
+                               description=_doc("finetune"), formatter_class=fmt)
     _source_args(ft)
     _data_args(ft)
     _subset_args(ft)
@@ -212,11 +213,11 @@ _DESCRIPTIONS = {
                   "randomly initialised, trained end to end with a linear head on all training labels (SGD "
                   "momentum 0.9, cosine, batch 64, lr 0.05, wd 5e-4, 50 epochs, the classifiers' crops and flips). "
                   "Top-1/top-5 on the val split in OUT/result.json (kind 'supervised').",
-    "classifier": "Linear probe (frozen backbone in eval mode, linear head N(0, 0.01), SGD momentum 0.9, cosine, "
-                  "batch 256, lr 0.4, wd 1e-6, 100 epochs) or semi-supervised fine-tuning (20 epochs, wd 0, "
-                  "backbone/head lr 0.004/1.0 with 1 % of the labels, 0.02/0.1 with 10 %). Data parallel over "
-                  "processes; resumable from OUT/checkpoint.pt; top-1/top-5 last and best in OUT/result.json. "
-                  "See docs/evaluation.md.",
+    "finetune": "Semi-supervised fine-tuning: the pretrained backbone (train mode) and a linear head N(0, 0.01) "
+                "trained end to end on a labelled subset (--label-fraction, --images-per-class or "
+                "--subset-file): 20 epochs, batch 256, wd 0, cosine; backbone/head lr 0.004/1.0 up to 3 % of the "
+                "labels, 0.02/0.1 above. Data parallel over processes; resumable from OUT/checkpoint.pt; "
+                "top-1/top-5 last and best in OUT/result.json. See docs/evaluation.md.",
     "knn": "Weighted kNN on L2-normalised frozen features (votes exp(sim / T), T = 0.07, k in 10 20 100 200); "
            "the bank stays sharded over processes. Features cached in OUT/cache. See docs/evaluation.md.",
     "svm": "VOC07 protocol: per-class linear SVMs (LinearSVC) on L2-normalised frozen features, cost chosen per "
@@ -437,7 +438,7 @@ def main_report(args, extra: Sequence[str] = ()) -> int:
 # python -m sfrik_scale.eval.cli (the deepspeed launcher passes --local_rank before the command)
 # ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sfrik_scale.eval.cli", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m sfrik_scale.eval.cli", description=plain(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
                         help=argparse.SUPPRESS)

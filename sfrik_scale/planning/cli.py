@@ -22,6 +22,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from ..helptext import plain
+
 #: what each preset sweeps (simulated unless --measure-able axes are given)
 PRESETS = {
     "paper": dict(methods=["vicreg", "sfrik"], batch_sizes=[256, 512, 1024], q=[32768], implementation="paper",
@@ -36,7 +38,7 @@ PRESETS = {
 
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("profile-memory", help="per-GPU memory tables: measured runs or --simulate",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--simulate", action="store_true",
                    help="predict with the simulator (fake tensors; no GPU, seconds per configuration) "
                         "instead of training each configuration for a few steps")
@@ -53,9 +55,10 @@ def add_commands(subparsers) -> None:
                         "losses; simulate only)")
     p.add_argument("--world-size", type=int, default=None,
                    help="GPUs (ranks); default 8 when simulating, 1 when measuring")
-    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--backbone", default="resnet50",
+                   help="a sfrik_scale.models backbone or torchvision classifier name (default resnet50)")
     p.add_argument("--hidden", default="8192-8192", help="projector widths before q (default 8192-8192)")
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int, default=224, help="side of the square crops in pixels (default 224)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="simulate: the allocator to model (cuda: 512-byte blocks; cpu: exact bytes)")
     p.add_argument("--reduce-bucket-size", type=int, default=None,
@@ -88,10 +91,13 @@ def add_commands(subparsers) -> None:
     q.add_argument("--backbone", default=None, help="default resnet50")
     q.add_argument("--projector", default=None, help="full spec (default: 8192-8192-<q>)")
     q.add_argument("--q", type=int, default=None, help="embedding width (default 32768)")
-    q.add_argument("--world-size", type=int, default=8)
+    q.add_argument("--world-size", type=int, default=8,
+                   help="data-parallel GPUs; the plan is per GPU, at a global batch of world size x per-GPU batch "
+                        "(default 8)")
     q.add_argument("--zero-stage", type=int, choices=[0, 1, 2, 3], default=None, help="default 2")
     q.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help="default bf16")
-    q.add_argument("--implementation", choices=["trainer", "paper"], default="trainer")
+    q.add_argument("--implementation", choices=["trainer", "paper"], default="trainer",
+                   help="trainer (this project, default) or paper (the official code: DDP, fp16 autocast)")
     q.add_argument("--image-size", type=int, default=None, help="default 224")
     q.add_argument("--reduce-bucket-size", type=int, default=None,
                    help="DeepSpeed's zero_optimization.reduce_bucket_size (default: DeepSpeed's 5e8 elements)")
@@ -190,6 +196,8 @@ def main_plan(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
 
     from .plan import plan
 
+    if not args.memory_gb > 0:
+        raise ValueError(f"--memory-gb must be a positive number of GB, got {args.memory_gb:g}")
     template = _plan_template(args)
     result = plan(args.memory_gb * 1e9, template, multiple=args.multiple, max_batch=args.max_batch)
     if args.json:
