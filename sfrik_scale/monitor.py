@@ -118,18 +118,7 @@ class Monitor:
     def print_summary_table(self) -> None:
         if self.console is None or not self.summary["epochs"]:
             return
-        from rich.table import Table
-
-        table = Table(title=f"run summary: {self.run_dir}")
-        cols = ("epoch", "steps", "loss", "invariance", "regulariser", "img/s", "time (s)", "skipped")
-        for c in cols:
-            table.add_column(c, justify="right")
-        for e in self.summary["epochs"]:
-            table.add_row(str(e["epoch"] + 1), str(e.get("steps", "")), _fmt(e.get("loss")),
-                          _fmt(e.get("invariance")), _fmt(e.get("regulariser")),
-                          _fmt(e.get("images_per_s"), ",.0f"), _fmt(e.get("time_s"), ".1f"),
-                          str(e.get("skipped_steps", 0)))
-        self.console.print(table)
+        self.console.print(summary_table(self.summary["epochs"], f"run summary: {self.run_dir}"))
 
     def close(self) -> None:
         if self._progress is not None:
@@ -141,3 +130,30 @@ class Monitor:
 
 def _fmt(value: Optional[float], spec: str = ".5g") -> str:
     return "-" if value is None else format(value, spec)
+
+
+#: the summary table's columns: header (two lines where long), the epoch record's key, format
+SUMMARY_COLUMNS = (("epoch", "epoch", None), ("steps", "steps", None), ("loss", "loss", ".4g"),
+                   ("invariance", "invariance", ".4g"), ("regulariser", "regulariser", ".4g"),
+                   ("img/s", "images_per_s", ",.0f"), ("time\n(s)", "time_s", ".1f"),
+                   ("skipped\nsteps", "skipped_steps", None), ("bad\nfiles", "bad_files", None))
+
+
+def summary_table(epochs: list, title: str):
+    """One row per epoch record; fits 80 columns (``skipped steps``: non-finite steps dropped,
+    ``bad files``: unreadable images replaced by others)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), collapse_padding=True)
+    for header, _, _ in SUMMARY_COLUMNS:
+        table.add_column(header, justify="right", no_wrap=True)
+    for e in epochs:
+        row = []
+        for _, key, spec in SUMMARY_COLUMNS:
+            value = e.get(key, 0 if key in ("skipped_steps", "bad_files") else None)
+            if key == "epoch":
+                value = value + 1
+            row.append(_fmt(value, spec) if spec else ("-" if value is None else str(value)))
+        table.add_row(*row)
+    return table

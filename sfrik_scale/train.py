@@ -451,6 +451,13 @@ class Trainer:
         comm.all_reduce_(flag)
         return float(flag) == 0.0  # host sync: before checkpoints only
 
+    def schedule_text(self) -> str:
+        """How long the run is: "10 epochs x 16 steps", or "48 steps (train.max_steps) of 10 epochs x 16"."""
+        full = f"{self.cfg.train.epochs} epochs x {self.steps_per_epoch} steps"
+        if self.total_steps < self.steps_per_epoch * self.cfg.train.epochs:
+            return f"{self.total_steps} steps (train.max_steps) of {full}"
+        return full
+
     def print_header(self) -> None:
         cfg, topo = self.cfg, self.topo
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -461,8 +468,7 @@ class Trainer:
             ("loss", f"{cfg.loss.name} (q = {self.model.q})"),
             ("batch", f"global {cfg.train.global_batch_size} = micro {self.micro_batch} x accum "
                       f"{self.grad_accum} x {topo.world_size} ranks"),
-            ("schedule", f"{cfg.train.epochs} epochs x {self.steps_per_epoch} steps, peak lr {cfg.peak_lr:.4g} "
-                         f"({cfg.optim.name})"),
+            ("schedule", f"{self.schedule_text()}, peak lr {cfg.peak_lr:.4g} ({cfg.optim.name})"),
             ("deepspeed", f"ZeRO {cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}, "
                           f"optimizer layout {self.zero_layout}"),
             ("data", f"{cfg.data.dataset}: {len(self.dataset)} images, {cfg.data.augmentations} views, "

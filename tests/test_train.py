@@ -208,3 +208,30 @@ def test_first_host_of_slurm_nodelist(nodelist, host):
 def test_launcher_scripts_are_valid_bash():
     for script in Path(__file__).resolve().parents[1].glob("launchers/*.s*"):
         assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
+
+
+def test_the_run_header_counts_train_max_steps():
+    from sfrik_scale.config import load_config
+    from sfrik_scale.train import Trainer
+
+    trainer = Trainer(load_config(None, ["train.max_steps=48"]), topo=None)
+    trainer.steps_per_epoch, trainer.total_steps = 16, 48
+    assert trainer.schedule_text() == "48 steps (train.max_steps) of 10 epochs x 16 steps"
+    trainer.total_steps = 160
+    assert trainer.schedule_text() == "10 epochs x 16 steps"
+
+
+def test_the_summary_table_fits_80_columns_and_counts_bad_files():
+    from rich.console import Console
+
+    from sfrik_scale.monitor import summary_table
+
+    epochs = [{"epoch": e, "steps": 16 * (e + 1), "loss": 10.41849 / (e + 1), "invariance": 0.00129771,
+               "regulariser": 5.22761, "images_per_s": 12345.6, "time_s": 11.52, "skipped_steps": e,
+               "bad_files": 5 * e} for e in range(3)]
+    console = Console(width=80, record=True)
+    console.print(summary_table(epochs, "run summary: runs/demo"))
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "bad" in text and "files" in text and "skipped" in text
+    assert text.splitlines()[-2].split()[-2:] == ["2", "10"]  # last epoch: 2 skipped steps, 10 bad files
