@@ -15,6 +15,7 @@ from sfrik_scale import benchmarks, export, pretrain
 from sfrik_scale.errors import run_command
 from sfrik_scale.eval import cli as eval_cli
 from sfrik_scale.planning import cli as planning_cli
+from sfrik_scale.topology import quiet_cpu_accelerator
 
 #: modules contributing sub-commands, in help order
 COMMAND_MODULES = (
@@ -46,6 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in _PASS_THROUGH:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    quiet_cpu_accelerator()
     return run_command(args.command, lambda: args.handler(args, extra))
 
 if __name__ == "__main__":

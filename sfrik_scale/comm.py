@@ -99,7 +99,10 @@ def all_gather_tensor(tensor: torch.Tensor, group: Group = None) -> torch.Tensor
     tensor = tensor.contiguous()
     out = torch.empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype,
                       device=tensor.device)
-    _backend().all_gather_into_tensor(out, tensor, group=group)
+    if hasattr(dist, "all_gather_single"):  # torch >= 2.14 deprecates all_gather_into_tensor (a warning per rank)
+        dist.all_gather_single(out, tensor, group=group)
+    else:
+        _backend().all_gather_into_tensor(out, tensor, group=group)
     return out
 
 

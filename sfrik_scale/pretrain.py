@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from .errors import run_command
 from .helptext import plain
+from .topology import quiet_cpu_accelerator
 
 
 def add_commands(subparsers) -> None:
@@ -89,6 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
     args, extra = parser.parse_known_args(argv)
+    quiet_cpu_accelerator()
     return run_command("pretrain", lambda: main_pretrain(args, extra))
 
 if __name__ == "__main__":

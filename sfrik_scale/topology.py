@@ -41,6 +41,14 @@ def first_host(nodelist: str) -> str:
     return f"{prefix}{first}{suffix}"
 
 
+def quiet_cpu_accelerator(env: MutableMapping[str, str] = os.environ) -> None:
+    """Without a visible CUDA device, tell DeepSpeed to use the CPU (``DS_ACCELERATOR=cpu``)
+    before it is imported, so that it does not warn on every command (and every rank) that it
+    could not find an accelerator. A value the user set is kept; child processes inherit it."""
+    if "DS_ACCELERATOR" not in env and not torch.cuda.is_available():
+        env["DS_ACCELERATOR"] = "cpu"
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (for a single-node rendezvous)."""
     with socket.socket() as s:

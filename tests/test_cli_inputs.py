@@ -136,3 +136,20 @@ def test_show_config_lists_every_key_with_the_recipes_value(capsys, monkeypatch)
             if line.startswith("│") and line.split("│")[1].strip()}
     assert set(rows) == {key for key, *_ in config.describe_fields()}
     assert rows["model.backbone"] == "'small_resnet'" and rows["train.epochs"] == "7"
+
+
+def test_deepspeed_does_not_warn_about_a_missing_accelerator_on_a_cpu_machine(tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: DeepSpeed picks it and has nothing to warn about")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    code = ("from sfrik_scale.cli import main; main(['pretrain', '--list-recipes']); "
+            "import deepspeed.comm; print('imported')")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr
+    assert "Setting accelerator to CPU" not in proc.stderr + proc.stdout

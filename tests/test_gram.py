@@ -325,3 +325,25 @@ def _comms_logger_worker(rank: int, world: int) -> list:
 def test_collectives_go_through_deepspeed_comm_when_it_is_initialised():
     for ops in run_ranks(_comms_logger_worker, 2):
         assert {"isend", "irecv", "all_reduce", "all_gather_into_tensor"} <= set(ops), ops
+
+
+def _collective_warnings_worker(rank: int, world: int) -> list:
+    import warnings
+
+    from sfrik_scale import comm
+
+    torch.manual_seed(rank)
+    z = F.normalize(torch.randn(8, 16, dtype=torch.float64), dim=1).requires_grad_()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernel_mean(z, TruncatedLegendre([1.0, 40.0], q=16), chunk_size=3).backward()
+        comm.all_gather_tensor(torch.ones(2) * rank)
+        comm.all_gather_rows(z.detach())
+        comm.all_gather_objects({"rank": rank})
+    return [f"{w.category.__name__}: {w.message}" for w in caught
+            if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+
+
+def test_collectives_raise_no_deprecation_warning_on_any_rank():
+    """Each rank printed torch's FutureWarning about all_gather_into_tensor once per process."""
+    assert run_ranks(_collective_warnings_worker, 2) == [[], []]

@@ -31,6 +31,7 @@ from typing import Optional, Sequence
 
 from ..errors import run_command
 from ..helptext import plain
+from ..topology import quiet_cpu_accelerator
 
 COMMANDS = ("linear-eval", "knn-eval", "finetune", "supervised", "svm-eval", "report")
 
@@ -452,6 +453,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "local_rank", None) is None and args.launcher_local_rank is not None:
         args.local_rank = args.launcher_local_rank
+    quiet_cpu_accelerator()
     return run_command(args.command, lambda: args.handler(args, ()))
 
 if __name__ == "__main__":
