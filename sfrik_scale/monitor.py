@@ -115,6 +115,21 @@ class Monitor:
         self.summary["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(self.summary, indent=2, default=float) + "\n")
 
+    def report_bad_files(self, bad_files: dict) -> None:
+        """Say on the console, once per new file, that unreadable images were skipped: how many,
+        the first names and where the full list is (``summary.json``, key ``bad_files``)."""
+        if not self.active:
+            return
+        seen = self.summary.get("bad_files") or {}
+        new = [path for path in bad_files if path not in seen]
+        if not new:
+            return
+        self.write_summary(bad_files=dict(bad_files))
+        first = ", ".join(Path(p).name for p in new[:3]) + (", ..." if len(new) > 3 else "")
+        self.print(f"[bold yellow]warning:[/] {len(new)} unreadable image(s) skipped and replaced by others "
+                   f"({len(bad_files)} so far): {first}; the full list with reasons is under 'bad_files' in "
+                   f"{self.run_dir / SUMMARY_FILE}")
+
     def print_summary_table(self) -> None:
         if self.console is None or not self.summary["epochs"]:
             return

@@ -354,6 +354,7 @@ class Trainer:
             for hook in self.hooks:
                 record.update(hook.on_epoch_end(self.engine.module, st.epoch, st.step))
         mon.end_epoch(record)
+        mon.report_bad_files(self.loader.bad_files.as_dict())
         if finished:
             st.epoch += 1
             st.samples_in_epoch = 0

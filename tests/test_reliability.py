@@ -136,6 +136,19 @@ def _corrupt_folder(root: Path, n: int = 64) -> None:
 
 
 @pytest.mark.slow
+def test_skipped_corrupt_images_are_named_on_the_console(tmp_path):
+    data, run = tmp_path / "data", tmp_path / "run"
+    _corrupt_folder(data)
+    proc = pretrain(run, "data.dataset=image_folder", f"data.path={data}", "data.loader=torchvision",
+                    "train.epochs=1")
+    check_ok(proc)
+    text = " ".join(proc.stderr.split())  # rich wraps long lines
+    assert "warning: 1 unreadable image(s) skipped and replaced by others (1 so far): 007.jpg" in text
+    assert str(run / "summary.json") in "".join(proc.stderr.split()) and text.count("unreadable image(s)") == 1
+    assert list(summary(run)["bad_files"]) == [str(data / "class1" / "007.jpg")]
+
+
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_exception_on_one_rank_stops_the_others_naming_it(tmp_path):
     data, run = tmp_path / "data", tmp_path / "exc"
