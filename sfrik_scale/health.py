@@ -28,6 +28,8 @@ from typing import Optional
 from . import comm
 
 HEALTH_DIR = ".ranks"
+#: a rank's record is rewritten when its step changes, at most this often (besides the heartbeats)
+STEP_RECORD_INTERVAL_S = 1.0
 FAILED_EXIT_CODE = 1
 
 
@@ -54,6 +56,7 @@ class RankHealth:
             for old in root.iterdir():
                 if old.is_dir() and old != self.dir:
                     shutil.rmtree(old, ignore_errors=True)
+        self._lock = threading.Lock()
         self.record = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "step": 0,
                        "status": "running", "time": time.time(), "error": None}
         self._write()
@@ -68,6 +71,10 @@ class RankHealth:
         return self.dir / f"rank{rank}.json"
 
     def _write(self) -> None:
+        with self._lock:  # the heartbeat thread and set_step share the temporary file
+            self._write_locked()
+
+    def _write_locked(self) -> None:
         self.record["time"] = time.time()
         path = self._path(self.rank)
         tmp = path.with_name(f".{path.name}.tmp")
@@ -78,7 +85,11 @@ class RankHealth:
             pass
 
     def set_step(self, step: int) -> None:
+        """The step this rank reached; written at most once per `STEP_RECORD_INTERVAL_S` (besides
+        the heartbeats), so that a peer's failure message names a step less than a second old."""
         self.record["step"] = int(step)
+        if self.world_size > 1 and time.time() - self.record["time"] >= STEP_RECORD_INTERVAL_S:
+            self._write()
 
     def mark(self, status: str, error: Optional[str] = None) -> None:
         """Record this rank's end: "finished", "preempted" or "failed" (with the error)."""
@@ -103,10 +114,12 @@ class RankHealth:
                 if now - self._started > self.peer_timeout_s:
                     out.append((r, f"no heartbeat since this rank started {now - self._started:.0f} s ago"))
                 continue
-            where = f"pid {rec.get('pid')} on {rec.get('host')}, step {rec.get('step')}"
-            if rec.get("status") == "failed":
-                out.append((r, f"raised: {rec.get('error')} ({where})"))
-            elif rec.get("status") == "running" and rec.get("host") == self.record["host"] \
+            where = f"pid {rec.get('pid')} on {rec.get('host')}"
+            if rec.get("status") == "failed":  # recorded as it raised: the step is exact
+                out.append((r, f"raised: {rec.get('error')} ({where}, at step {rec.get('step')})"))
+                continue
+            where += f", last heard at step {rec.get('step')} {now - rec.get('time', now):.0f} s ago"
+            if rec.get("status") == "running" and rec.get("host") == self.record["host"] \
                     and not _pid_alive(rec.get("pid")):
                 out.append((r, f"process gone without a word, killed? ({where})"))
             elif rec.get("status") == "running" and now - rec.get("time", now) > self.peer_timeout_s:

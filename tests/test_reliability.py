@@ -287,3 +287,27 @@ def test_a_nonfinite_gradient_on_one_rank_is_skipped_on_all(tmp_path, stage):
     assert all(r["finite"] for r in results) and len(results[0]["history"]) == 3
     events = [json.loads(e) for e in (tmp_path / "nonfinite.jsonl").read_text().splitlines()]
     assert len(events) == 1 and events[0]["step"] == 2 and events[0]["per_rank"][0]["what"] == "gradient"
+
+
+def test_a_killed_peer_is_named_with_the_step_it_last_reached(tmp_path):
+    """Heartbeats are written every few seconds; the step is written as it changes (at most once a
+    second), so the message no longer names a step several checkpoints old."""
+    from sfrik_scale.health import STEP_RECORD_INTERVAL_S, RankHealth
+
+    me = RankHealth(tmp_path, rank=0, world_size=2, peer_timeout_s=1000, interval_s=1000)
+    peer = RankHealth(tmp_path, rank=1, world_size=2, peer_timeout_s=1000, interval_s=1000)
+    me.dir = peer.dir  # one session (without a process group each picked its own)
+    try:
+        for step in (10, 20, 30):
+            time.sleep(STEP_RECORD_INTERVAL_S + 0.05)
+            peer.set_step(step)
+        record = json.loads((peer.dir / "rank1.json").read_text())
+        assert record["step"] == 30
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()  # reaped: its pid names no process now, as after a kill -9
+        (peer.dir / "rank1.json").write_text(json.dumps({**record, "pid": gone.pid}))
+        (rank, why), = me.failed_peers()
+        assert rank == 1 and "killed?" in why and "last heard at step 30" in why, why
+    finally:
+        peer.close()
+        me.close()
