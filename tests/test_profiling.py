@@ -314,3 +314,20 @@ def test_the_simulator_builds_every_loss_as_the_trainer_does(name):
     assert "chunk_size" in trainer_kwargs or name == "simclr"  # every loss that blocks its work takes it
     assert loss_options(name, scenario.loss_settings()) == trainer_kwargs
     assert repr(build_loss_from_config(scenario.loss_settings(), q=64)) == repr(build_loss_from_config(cfg.loss, q=64))
+
+
+def test_memory_outputs_say_what_is_simulated_and_explain_their_columns(tmp_path):
+    from sfrik_scale.planning import tables
+    from sfrik_scale.planning.cli import write_outputs
+
+    results = [{"method": m, "implementation": "trainer", "source": "simulated", "q": q, "global_batch": 256,
+                "world_size": 8, "zero_stage": 2, "precision": "bf16", "backbone": "resnet50",
+                "projector": f"8192-8192-{q}", "peak_bytes": int((1 + q / 8192) * 1e9), "peak_phase": "backward"}
+               for m in ("vicreg", "sfrik") for q in (8192, 16384, 32768)]
+    assert tables._sources(results, "sfrik") == "simulated"
+    assert tables.notes_for(results) == tables.TRAINER_VICREG_NOTE
+    assert tables.notes_for([r for r in results if r["method"] == "sfrik"]) == ""
+    written = write_outputs(results, tmp_path, scaling=True)
+    assert tables.INCREMENT_RATIO_NOTE in (tmp_path / "scaling.md").read_text()
+    assert tables.TRAINER_VICREG_NOTE in (tmp_path / "memory.md").read_text()
+    assert written["markdown"] == tmp_path / "memory.md"

@@ -174,16 +174,18 @@ def write_outputs(results: list[dict], out: Path, scaling: bool = False, console
     md = tables.to_markdown(headers, rows)
     if scaling:
         sh, sr = tables.scaling_rows(results)
-        (out / "scaling.md").write_text(tables.to_markdown(sh, sr))
+        (out / "scaling.md").write_text(tables.to_markdown(sh, sr) + f"\n{tables.INCREMENT_RATIO_NOTE}.\n")
         written["scaling_md"] = out / "scaling.md"
         written["scaling_png"] = tables.plot_scaling(results, out / "scaling.png")
         if console is not None:
-            console.print(tables.to_rich(sh, sr, title="peak memory per GPU against q (GB)"))
-    (out / "memory.md").write_text(md)
+            console.print(tables.to_rich(sh, sr, title="peak memory per GPU against q (GB)",
+                                         note=tables.INCREMENT_RATIO_NOTE))
+    note = tables.notes_for(results)
+    (out / "memory.md").write_text(md + (f"\n{note}.\n" if note else ""))
     written["markdown"] = out / "memory.md"
     written["png"] = tables.plot_batches(results, out / "memory.png")
     if console is not None:
-        console.print(tables.to_rich(headers, rows))
+        console.print(tables.to_rich(headers, rows, note=tables.notes_for(results)))
         if written["png"] is None:
             console.print("[yellow]matplotlib is not installed: no PNG chart")
         console.print(f"written: {', '.join(str(p) for p in written.values() if p)}")

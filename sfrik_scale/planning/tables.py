@@ -121,12 +121,14 @@ def compact(headers: Sequence[str], rows: Sequence[Sequence[str]], config_column
     return ([headers[i] for i in keep], [[row[i] for i in keep] for row in rows], ", ".join(fixed))
 
 
-def to_rich(headers: Sequence[str], rows: Sequence[Sequence[str]], title: str = "peak memory per GPU (GB)"):
+def to_rich(headers: Sequence[str], rows: Sequence[Sequence[str]], title: str = "peak memory per GPU (GB)",
+            note: str = ""):
     """A ``rich.table.Table`` of the same content, constant configuration columns moved to
-    the caption."""
+    the caption, followed by ``note``."""
     from rich.table import Table
 
     headers, rows, caption = compact(headers, rows)
+    caption = "\n".join(c for c in (caption, note) if c)
     table = Table(title=title, caption=caption or None)
     for i, h in enumerate(headers):
         table.add_column(h, justify="left" if i < 1 else "right",
@@ -169,7 +171,7 @@ def plot_batches(results: Sequence[dict], path: Path, title: str = "peak memory 
     for j, m in enumerate(methods):
         xs = [i + (2 * j) * width for i in range(len(keys))]
         bars = ax.bar(xs, [by[(k, m)]["peak_bytes"] / GB if (k, m) in by else 0 for k in keys], width,
-                      label=_label(m))
+                      label=f"{_label(m)} ({_sources(results, m)})")
         paper = [paper_gb(m, k[2], k[3]) if k[4] == 8 else None for k in keys]
         if any(p is not None for p in paper):
             ax.bar([x + width for x in xs], [p or 0 for p in paper], width, label=f"{_label(m)} (paper)",
@@ -183,6 +185,26 @@ def plot_batches(results: Sequence[dict], path: Path, title: str = "peak memory 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def _sources(results: Sequence[dict], method: str) -> str:
+    """"simulated", "measured" or both, for the legend: a simulated bar must say so."""
+    found = sorted({r.get("source", "simulated") for r in results if r["method"] == method})
+    return " and ".join(found) or "simulated"
+
+
+#: caption of the scaling table: what its ratio column means
+INCREMENT_RATIO_NOTE = ("increment ratio = (M(q) - M(q/2)) / (M(q/2) - M(q/4)): about 2 when memory grows "
+                        "linearly in q, about 4 when it grows quadratically (q x q matrices)")
+#: caption of trainer tables holding both VICReg and SFRIK
+TRAINER_VICREG_NOTE = ("this trainer builds VICReg's covariance in column blocks (memory linear in q, like SFRIK's "
+                       "chunked Gram), so both need the same memory; the paper's VICReg forms the q x q matrices")
+
+
+def notes_for(results: Sequence[dict]) -> str:
+    """Caption lines a reader needs to read a memory table of these results."""
+    trainer_methods = {r["method"] for r in results if r.get("implementation", "trainer") == "trainer"}
+    return TRAINER_VICREG_NOTE if {"vicreg", "sfrik"} <= trainer_methods else ""
 
 
 def _short_key(key: tuple) -> str:
@@ -233,7 +255,8 @@ def plot_scaling(results: Sequence[dict], path: Path, title: str = "peak memory 
         pts = sorted((int(r["q"]), r["peak_bytes"] / GB) for r in results
                      if r["method"] == m and r.get("implementation", "trainer") == impl and not r.get("error"))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{_label(m)} ({impl})")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    label=f"{_label(m)} ({impl}, {_sources(results, m)})")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("embedding dimension q")
