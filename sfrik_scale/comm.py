@@ -18,6 +18,7 @@ the single-process gradient on the concatenated batch.
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any, Optional, Sequence
 
 import torch
@@ -99,10 +100,15 @@ def all_gather_tensor(tensor: torch.Tensor, group: Group = None) -> torch.Tensor
     tensor = tensor.contiguous()
     out = torch.empty((world * tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype,
                       device=tensor.device)
-    if hasattr(dist, "all_gather_single"):  # torch >= 2.14 deprecates all_gather_into_tensor (a warning per rank)
-        dist.all_gather_single(out, tensor, group=group)
-    else:
-        _backend().all_gather_into_tensor(out, tensor, group=group)
+    backend = _backend()
+    if backend is dist and hasattr(dist, "all_gather_single"):
+        dist.all_gather_single(out, tensor, group=group)  # torch >= 2.14's name for it
+        return out
+    # DeepSpeed's comm (its profiler and logger see every collective) still calls torch's
+    # all_gather_into_tensor, which torch >= 2.14 deprecates with a FutureWarning per rank.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+        backend.all_gather_into_tensor(out, tensor, group=group)
     return out
 
 
