@@ -34,6 +34,10 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
 
 
+class StorageError(ValueError):
+    """A folder the run must write to cannot be written (read-only, full, a file in the way)."""
+
+
 class NonFiniteInputError(ValueError):
     """The embeddings given to a loss hold NaN or Inf (raised on every rank)."""
 

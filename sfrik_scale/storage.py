@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -31,3 +32,23 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_problem(folder: Path) -> Optional[str]:
+    """Why ``folder`` cannot be written, in a few words, or None when it can: creates it (and its
+    parents) and writes, fsyncs and removes a small probe file."""
+    folder = Path(folder)
+    probe = folder / f".write-check-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"sfrik-scale\n")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as err:
+        where = Path(err.filename) if err.filename else folder
+        cause = err.strerror or type(err).__name__
+        blocker = next((p for p in [where, *where.parents] if p.exists() and not p.is_dir()), None)
+        return f"cannot write to {folder}: {cause}" + (f" ({blocker} is a file)" if blocker else "")
+    return None

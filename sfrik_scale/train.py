@@ -20,10 +20,10 @@ import torch
 
 from . import comm
 from .checkpoint import load_checkpoint, save_checkpoint
-from .storage import atomic_write_text
+from .storage import atomic_write_text, write_problem
 from .config import Config
 from .ds_config import build_ds_config
-from .errors import NonFiniteInputError
+from .errors import NonFiniteInputError, StorageError
 from .health import RankHealth
 from .hooks import HookFactory
 from .learning_health import LearningHealthWatch, embedding_health
@@ -514,10 +514,28 @@ class Trainer:
         for hook in self.hooks:
             hook.close()
 
+    def check_run_dir(self) -> None:
+        """Every rank checks that it can write the run directory, and all agree, before anything
+        is written: StorageError (one line naming train.run_dir, the folder and the cause, exit 2)
+        on every rank, never a traceback or a hang."""
+        problems = comm.all_gather_objects(write_problem(self.run_dir))
+        ranks_by_problem: dict = {}
+        for rank, problem in enumerate(problems):
+            if problem:
+                ranks_by_problem.setdefault(problem, []).append(rank)
+        if not ranks_by_problem:
+            return
+        if len(ranks_by_problem) == 1 and all(problems):  # the same cause everywhere: say it once
+            raise StorageError(f"train.run_dir: {problems[0]}")
+        raise StorageError("train.run_dir: " + "; ".join(
+            f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}: {problem}"
+            for problem, ranks in ranks_by_problem.items()))
+
     def run(self) -> int:
         """The whole job. A failure on any rank is recorded for its peers (health.py), and an
         error here names a peer that failed first."""
         self.install_signal_handlers()
+        self.check_run_dir()
         self.health = RankHealth(self.run_dir, self.topo.rank, self.topo.world_size,
                                  self.cfg.train.peer_timeout_s)
         status = "failed"

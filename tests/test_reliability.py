@@ -311,3 +311,47 @@ def test_a_killed_peer_is_named_with_the_step_it_last_reached(tmp_path):
     finally:
         peer.close()
         me.close()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_an_unwritable_run_dir_is_one_line_on_every_rank(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    run = blocker / "run"
+    procs = start_ranks(run, 2, "train.max_steps=2", port=free_port())
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert p.returncode == 2, out[-2000:]
+        assert lines == [f"sfrik-scale pretrain: error: train.run_dir: cannot write to {run}: Not a directory "
+                         f"({blocker} is a file)"], out[-2000:]
+
+
+def test_write_problem_names_the_file_in_the_way_and_leaves_nothing_behind(tmp_path):
+    from sfrik_scale.storage import write_problem
+
+    good = tmp_path / "new" / "run"
+    assert write_problem(good) is None
+    assert good.is_dir() and list(good.iterdir()) == []
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert write_problem(blocker / "run") == f"cannot write to {blocker / 'run'}: Not a directory ({blocker} is a file)"
+
+
+@pytest.mark.parametrize("problems, expected", [
+    (["disk full", "disk full"], "train.run_dir: disk full"),
+    ([None, "disk full"], "train.run_dir: rank 1: disk full"),
+    (["read-only", "read-only", "disk full"], "train.run_dir: ranks 0, 1: read-only; rank 2: disk full"),
+])
+def test_run_dir_problems_of_several_ranks_are_one_line(monkeypatch, tmp_path, problems, expected):
+    from sfrik_scale import comm
+    from sfrik_scale.errors import StorageError
+    from sfrik_scale.train import Trainer
+
+    monkeypatch.setattr(comm, "all_gather_objects", lambda obj, group=None: problems)
+    trainer = Trainer.__new__(Trainer)  # only run_dir is needed
+    trainer.run_dir = tmp_path
+    with pytest.raises(StorageError) as err:
+        trainer.check_run_dir()
+    assert str(err.value) == expected
