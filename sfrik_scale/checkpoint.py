@@ -7,9 +7,16 @@ marker. ``RUN_DIR/checkpoints/latest_complete`` names the newest complete tag. B
 written to a temporary name, fsynced and renamed, so a crash at any moment leaves either
 the old pointer or the new one, never a torn file; a tag without its marker is never
 resumed from.
+
+The marker records the size and SHA-256 of every file of its checkpoint (hashed by the ranks
+in turn). Resuming verifies them first: a checkpoint with a truncated, altered or missing
+file, or one that DeepSpeed cannot load, is renamed ``damaged-stepN`` (kept for inspection,
+never resumed from or pruned), named in a one-line warning, and the newest checkpoint that
+verifies is loaded instead (``train.on_damaged_checkpoint=stop``: a one-line error).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -21,11 +28,14 @@ import numpy as np
 import torch
 
 from . import comm
+from .errors import RaisedOnEveryRank
 from .storage import atomic_write_text
 
 CHECKPOINT_DIR = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 LATEST_POINTER = "latest_complete"
+DAMAGED_PREFIX = "damaged-"
+_HASH_BLOCK = 8 << 20
 
 
 def tag_for(step: int) -> str:
@@ -72,6 +82,77 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy(), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class DamagedCheckpointError(RaisedOnEveryRank, ValueError):
+    """No checkpoint can be resumed from (every complete one is damaged), or one is damaged
+    and ``train.on_damaged_checkpoint=stop``; raised on every rank."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: Path) -> list[str]:
+    """The files of a checkpoint folder (relative POSIX paths, sorted), its marker excluded."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.name != COMPLETE_MARKER and not p.name.startswith(".probe"))
+
+
+def file_manifest(folder: Path, rank: int = 0, world: int = 1) -> dict:
+    """{relative path: {"bytes", "sha256"}} of every file in ``folder``. Collective when world > 1:
+    each rank hashes every world-th file (a rank that cannot see one leaves it to rank 0), and
+    every rank returns the whole manifest."""
+    names = _checkpoint_files(folder)
+    mine = {}
+    for i, name in enumerate(names):
+        path = folder / name
+        if i % world == rank and path.is_file():
+            mine[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    merged: dict = {}
+    for part in comm.all_gather_objects(mine) if world > 1 else [mine]:
+        merged.update(part)
+    for name in names:  # files only rank 0 lists (no shared file system for them)
+        if name not in merged and (folder / name).is_file():
+            merged[name] = {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+    return dict(sorted(merged.items()))
+
+
+def verify_problem(folder: Path, rank: int = 0, world: int = 1) -> Optional[str]:
+    """Why the files of a complete checkpoint differ from its marker's manifest, in one phrase,
+    or None when they match (or the marker predates manifests). Collective when world > 1:
+    the ranks hash in turn and agree on the answer."""
+    try:
+        recorded = json.loads((folder / COMPLETE_MARKER).read_text()).get("files")
+    except (OSError, ValueError) as err:
+        return f"its {COMPLETE_MARKER} marker is unreadable ({one_line_error(err)})"
+    if recorded is None:
+        return None
+    names = sorted(recorded)
+    problems = []
+    for i, name in enumerate(names):
+        if i % world != rank:
+            continue
+        path, want = folder / name, recorded[name]
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, {want['bytes']} were written")
+        elif _sha256(path) != want["sha256"]:
+            problems.append(f"{name} differs from its checksum (same size, altered bytes)")
+    if world > 1:
+        problems = [p for part in comm.all_gather_objects(problems) for p in part]
+    return "; ".join(sorted(problems)) or None
+
+
+def one_line_error(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 class CheckpointWriteError(RuntimeError):
@@ -137,9 +218,16 @@ def save_checkpoint(engine: Any, run_dir: Union[str, Path], step: int, client_st
     agree(problem, "checkpoint write")  # every rank's files are written before the marker
 
     problem = None
+    try:
+        manifest = file_manifest(folder, *comm.rank_and_world())
+    except OSError as err:
+        problem, manifest = f"reading back {folder} failed: {err}", {}
+    agree(problem, "checkpoint checksums")
+
+    problem = None
     if rank == 0:
         try:
-            atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"step": step}) + "\n")
+            atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"step": step, "files": manifest}, indent=1) + "\n")
             atomic_write_text(root / LATEST_POINTER, tag + "\n")
         except OSError as err:
             (folder / COMPLETE_MARKER).unlink(missing_ok=True)
@@ -165,25 +253,84 @@ def prune(run_dir: Union[str, Path], keep_last: int) -> None:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(engine: Any, run_dir: Union[str, Path], rank: int) -> Optional[dict]:
-    """Resume from the newest complete checkpoint; returns its client state, or None if none.
-
-    Rank 0 picks the tag and every rank loads that one, so ranks cannot disagree even if a
-    save finished between their directory listings.
-    """
-    tag = comm.all_gather_objects(latest_complete(run_dir))[0]
-    if tag is None:
+def _agreed_text(problem: Optional[str], world: int) -> Optional[str]:
+    """Every rank's problem (None: fine) as one phrase on every rank: said once when all ranks
+    share it, else per rank; None when no rank has one. Collective when world > 1."""
+    problems = comm.all_gather_objects(problem) if world > 1 else [problem]
+    if not any(problems):
         return None
+    if len(set(problems)) == 1:
+        return problems[0]
+    return "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p)
+
+
+def _set_aside(run_dir: Union[str, Path], tag: str) -> str:
+    """Rename a damaged checkpoint out of the resume and prune paths; returns its new name."""
     root = checkpoint_root(run_dir)
-    load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    rng_path = root / tag / f"rng_rank{rank}.pt"
-    if rng_path.is_file():
-        _set_rng_state(torch.load(rng_path, weights_only=True))
-    client_state = dict(client_state or {})
-    client_state["tag"] = tag
-    return client_state
+    name = DAMAGED_PREFIX + tag
+    n = 1
+    while (root / name).exists():
+        n += 1
+        name = f"{DAMAGED_PREFIX}{tag}.{n}"
+    os.replace(root / tag, root / name)
+    return name
+
+
+def load_checkpoint(engine: Any, run_dir: Union[str, Path], rank: int, on_damaged: str = "fall_back",
+                    warn: Any = None) -> Optional[dict]:
+    """Resume from the newest complete checkpoint that verifies; returns its client state, or
+    None when there is no complete checkpoint.
+
+    Rank 0 lists the tags and every rank tries the same ones, newest first, so ranks cannot
+    disagree even if a save finished between their directory listings. A tag is tried by
+    checking its files against the marker's checksums and then loading it; a failure of
+    either on any rank is agreed by all, the tag is renamed ``damaged-<tag>`` and reported
+    through ``warn`` (one line, rank 0) and the next older tag is tried; with
+    ``on_damaged="stop"``, or when no tag is left, DamagedCheckpointError on every rank.
+    """
+    tags = comm.all_gather_objects(complete_tags(run_dir))[0]
+    if not tags:
+        return None
+    rank, world = comm.rank_and_world()
+    root = checkpoint_root(run_dir)
+    damaged: list[str] = []
+    for tag in reversed(tags):
+        text = verify_problem(root / tag, rank, world)  # the same answer on every rank
+        if text is None:
+            problem = None
+            try:
+                load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
+                if load_path is None:
+                    problem = "DeepSpeed found nothing to load"
+            except Exception as err:  # noqa: BLE001 - any load failure: agreed, reported, fallen back from
+                problem = f"DeepSpeed could not load it ({one_line_error(err)})"
+            text = _agreed_text(problem, world)
+        if text is not None:
+            if on_damaged == "stop":
+                raise DamagedCheckpointError(
+                    f"checkpoint {root / tag} is damaged: {text}; train.on_damaged_checkpoint=stop, so "
+                    f"nothing was loaded (set it to fall_back to resume from an older checkpoint)") from None
+            comm.barrier()
+            if rank == 0:
+                kept = _set_aside(run_dir, tag)
+                damaged.append(tag)
+                if warn is not None:
+                    older = [t for t in tags if step_of(t) < step_of(tag)]
+                    then = f"trying {older[-1]}" if older else "no older checkpoint is left"
+                    warn(f"checkpoint {tag} is damaged ({text}); kept as {root / kept} for inspection, {then}")
+            comm.barrier()
+            continue
+        if damaged and rank == 0:
+            atomic_write_text(root / LATEST_POINTER, tag + "\n")
+        rng_path = root / tag / f"rng_rank{rank}.pt"
+        if rng_path.is_file():
+            _set_rng_state(torch.load(rng_path, weights_only=True))
+        client_state = dict(client_state or {})
+        client_state["tag"] = tag
+        return client_state
+    raise DamagedCheckpointError(
+        f"no checkpoint in {root} can be resumed from: {', '.join(reversed(tags))} are damaged (kept as "
+        f"{DAMAGED_PREFIX}<tag>); set train.resume=false or use a new train.run_dir to start afresh")
 
 
 # ----------------------------------------------------------------------------------------

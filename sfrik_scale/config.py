@@ -190,6 +190,10 @@ class TrainConfig:
     run_dir: str = _f("runs/demo", help=(
         "Run directory: resolved config.yaml, TensorBoard events, checkpoints, summary.json."))
     resume: bool = _f(True, help="Resume from the latest complete checkpoint in run_dir when there is one.")
+    on_damaged_checkpoint: Literal["fall_back", "stop"] = _f("fall_back", help=(
+        "Resuming, a checkpoint whose files differ from the checksums in its COMPLETE marker, or that DeepSpeed "
+        "cannot load: fall back to the newest checkpoint that verifies (the damaged one is kept, renamed "
+        "damaged-stepN, and named in a warning) or stop with a one-line error."))
     checkpoint_every_steps: int = _f(200, help="Checkpoint every k optimiser steps (0: only at the end).")
     keep_last: int = _f(2, help="Number of most recent checkpoints kept in run_dir.")
     log_every_steps: int = _f(10, help="Optimiser steps between scalar logs (each log is a host sync).")

@@ -34,7 +34,12 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
 
 
-class StorageError(ValueError):
+class RaisedOnEveryRank:
+    """Mixin of errors that every rank raises alike, after agreeing through a collective: a rank
+    reports its own message and does not blame its peers for failing with the same one."""
+
+
+class StorageError(RaisedOnEveryRank, ValueError):
     """A folder the run must write to cannot be written (read-only, full, a file in the way)."""
 
 

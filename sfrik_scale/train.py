@@ -23,7 +23,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .storage import atomic_write_text, write_problem
 from .config import Config
 from .ds_config import build_ds_config
-from .errors import NonFiniteInputError, StorageError
+from .errors import NonFiniteInputError, RaisedOnEveryRank, StorageError
 from .health import RankHealth
 from .hooks import HookFactory
 from .learning_health import LearningHealthWatch, embedding_health
@@ -199,7 +199,9 @@ class Trainer:
             self.input_dtype = torch.float32
 
     def resume(self) -> None:
-        client = load_checkpoint(self.engine, self.run_dir, self.topo.rank)
+        client = load_checkpoint(self.engine, self.run_dir, self.topo.rank,
+                                 on_damaged=self.cfg.train.on_damaged_checkpoint,
+                                 warn=lambda text: self.monitor.print(f"[bold yellow]warning:[/] {text}"))
         if client is None:
             return
         saved = client.get("train_state", {})
@@ -546,10 +548,12 @@ class Trainer:
             return code
         except BaseException as err:
             text = f"{type(err).__name__}: {err}".strip()
-            if self.topo.world_size > 1 and _is_communication_error(err):
+            if self.topo.world_size == 1 or isinstance(err, RaisedOnEveryRank):
+                peers = ""  # every rank says the same: no peer to blame
+            elif _is_communication_error(err):
                 peers = self.health.wait_for_culprit()  # our collective broke: who left?
             else:
-                peers = self.health.describe() if self.topo.world_size > 1 else ""
+                peers = self.health.describe()
             self.health.mark("failed", text[:2000])
             if peers:
                 raise RankFailureError(f"rank {self.topo.rank} stopped ({text[:300]}); {peers}") from err

@@ -355,3 +355,95 @@ def test_run_dir_problems_of_several_ranks_are_one_line(monkeypatch, tmp_path, p
     with pytest.raises(StorageError) as err:
         trainer.check_run_dir()
     assert str(err.value) == expected
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "truncate":
+        os.truncate(path, path.stat().st_size // 2)
+    elif how == "flip":  # same size, one byte changed
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+
+
+def _run_ranks(run: Path, world: int, *overrides: str) -> list[tuple[int, str]]:
+    if world == 1:
+        proc = subprocess.run([sys.executable, "-m", "sfrik_scale.pretrain", *TINY, f"train.run_dir={run}",
+                               *overrides], env=_env(), capture_output=True, text=True, timeout=300)
+        return [(proc.returncode, proc.stdout + proc.stderr)]
+    procs = start_ranks(run, world, *overrides, port=free_port())
+    return [(p.wait(timeout=300), p.communicate()[0]) for p in procs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2], ids=["1rank", "2ranks"])
+def test_damaged_checkpoints_are_set_aside_and_the_newest_good_one_is_resumed(tmp_path, world):
+    """Truncated, altered and missing files in the three newest checkpoints: with on_damaged_checkpoint=stop,
+    one line and exit 2 on every rank, nothing changed; by default each is named in a warning, kept as
+    damaged-stepN, and the run resumes from the one that verifies (step 2) and finishes."""
+    run = tmp_path / "run"
+    common = ("train.checkpoint_every_steps=2", "train.keep_last=4")
+    for code, out in _run_ranks(run, world, *common, "train.max_steps=8"):
+        assert code == 0, out[-3000:]
+    root = ckpt.checkpoint_root(run)
+    assert ckpt.complete_tags(run) == ["step000000002", "step000000004", "step000000006", "step000000008"]
+    victims = {"step000000008": "truncate", "step000000006": "flip", "step000000004": "missing"}
+    for tag, how in victims.items():  # with 2 ranks, two of them in the last rank's own file
+        name = "mp_rank_00_model_states.pt" if how == "truncate" or world == 1 else f"rng_rank{world - 1}.pt"
+        _damage(root / tag / name, how)
+
+    for code, out in _run_ranks(run, world, *common, "train.max_steps=10", "train.on_damaged_checkpoint=stop"):
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1, out[-3000:]
+        assert lines[0].startswith(f"sfrik-scale pretrain: error: checkpoint {root / 'step000000008'} is damaged")
+        assert "train.on_damaged_checkpoint=stop" in lines[0]
+    assert ckpt.complete_tags(run)[-1] == "step000000008" and not list(root.glob("damaged-*"))
+
+    results = _run_ranks(run, world, *common, "train.max_steps=10")
+    for code, out in results:
+        assert code == 0, out[-3000:]
+        assert "Traceback" not in out
+    console = " ".join(results[0][1].split())
+    assert "bytes, " in console and "were written" in console  # truncated
+    assert "differs from its checksum" in console  # flipped byte
+    assert "is missing" in console
+    for tag in victims:
+        assert f"checkpoint {tag} is damaged" in console
+        assert (root / f"damaged-{tag}").is_dir()  # kept for inspection, never pruned
+    assert "resumed from step000000002 (step 2)" in console
+    assert ckpt.latest_complete(run) == "step000000010"
+
+
+def test_a_checkpoint_deepspeed_cannot_load_is_fallen_back_from_even_without_checksums(tmp_path):
+    """Checkpoints written before checksums were recorded (a marker with the step only) are not
+    verified, but a load failure is caught, reported and fallen back from the same way."""
+    from sfrik_scale.checkpoint import DamagedCheckpointError, load_checkpoint
+
+    root = ckpt.checkpoint_root(tmp_path)
+    for step in (2, 4):
+        (root / ckpt.tag_for(step)).mkdir(parents=True)
+        (root / ckpt.tag_for(step) / ckpt.COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+
+    class Engine:
+        loaded: list = []
+
+        def load_checkpoint(self, path, tag):
+            self.loaded.append(tag)
+            if tag == "step000000004":
+                raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+            return path, {"train_state": {"step": 2}}
+
+    warnings = []
+    client = load_checkpoint(Engine(), tmp_path, 0, warn=warnings.append)
+    assert client["tag"] == "step000000002" and Engine.loaded == ["step000000004", "step000000002"]
+    assert warnings == [f"checkpoint step000000004 is damaged (DeepSpeed could not load it (RuntimeError: "
+                        f"PytorchStreamReader failed reading zip archive: failed finding central directory)); "
+                        f"kept as {root / 'damaged-step000000004'} for inspection, trying step000000002"]
+    assert ckpt.complete_tags(tmp_path) == ["step000000002"]
+    assert (root / ckpt.LATEST_POINTER).read_text().strip() == "step000000002"
+    Engine.loaded.clear()
+    (root / "step000000002" / ckpt.COMPLETE_MARKER).write_text("{not json")
+    with pytest.raises(DamagedCheckpointError, match="no checkpoint in .* can be resumed from: step000000002"):
+        load_checkpoint(Engine(), tmp_path, 0)
