@@ -349,6 +349,9 @@ def consolidated_state_dict(run_dir: Union[str, Path], tag: Optional[str] = None
     folder = checkpoint_root(run_dir) / tag
     if not (folder / COMPLETE_MARKER).is_file():
         raise FileNotFoundError(f"checkpoint {folder} is incomplete (no {COMPLETE_MARKER} marker)")
+    problem = verify_problem(folder)
+    if problem is not None:
+        raise DamagedCheckpointError(f"checkpoint {folder} is damaged: {problem}")
     if any(folder.glob("*optim_states.pt")):  # ZeRO partitions / fp32 master weights on disk
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

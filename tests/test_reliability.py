@@ -447,3 +447,16 @@ def test_a_checkpoint_deepspeed_cannot_load_is_fallen_back_from_even_without_che
     (root / "step000000002" / ckpt.COMPLETE_MARKER).write_text("{not json")
     with pytest.raises(DamagedCheckpointError, match="no checkpoint in .* can be resumed from: step000000002"):
         load_checkpoint(Engine(), tmp_path, 0)
+
+
+def test_export_and_evaluation_refuse_a_damaged_checkpoint_in_one_line(tmp_path):
+    from sfrik_scale.checkpoint import DamagedCheckpointError, consolidated_state_dict, file_manifest
+
+    folder = ckpt.checkpoint_root(tmp_path) / ckpt.tag_for(3)
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"0123456789")
+    marker = {"step": 3, "files": file_manifest(folder)}
+    (folder / ckpt.COMPLETE_MARKER).write_text(json.dumps(marker))
+    _damage(folder / "mp_rank_00_model_states.pt", "flip")
+    with pytest.raises(DamagedCheckpointError, match="mp_rank_00_model_states.pt differs from its checksum"):
+        consolidated_state_dict(tmp_path)
