@@ -57,10 +57,20 @@ class TrainState:
     samples_in_epoch: int = 0     # global samples consumed in the current epoch
     skipped_steps: int = 0        # non-finite steps skipped by policy
     history: list = field(default_factory=list)  # per-step mean loss (for resume checks)
+    # the current epoch's running totals (loss sums, counted / skipped steps, images, seconds, and
+    # the sample it was first counted from), so that an epoch interrupted and resumed is summarised whole
+    epoch_tally: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"epoch": self.epoch, "step": self.step, "samples_in_epoch": self.samples_in_epoch,
-                "skipped_steps": self.skipped_steps, "history": list(self.history)}
+                "skipped_steps": self.skipped_steps, "history": list(self.history),
+                "epoch_tally": json.loads(json.dumps(self.epoch_tally))}
+
+
+def new_epoch_tally(from_sample: int = 0) -> dict:
+    """Running totals of one epoch; ``from_sample`` > 0: counting started mid-epoch (a resume
+    from a checkpoint that predates tallies), so the epoch's record is partial."""
+    return {"sums": {}, "count": 0, "skipped": 0, "images": 0, "time_s": 0.0, "from_sample": from_sample}
 
 
 class Trainer:
@@ -298,8 +308,10 @@ class Trainer:
         done_steps = st.samples_in_epoch // t.global_batch_size
         epoch_steps = min(self.steps_per_epoch, self.total_steps - st.step + done_steps)
         mon.start_epoch(st.epoch, t.epochs, epoch_steps, completed=done_steps)
-        sums: dict[str, float] = {}
-        count, skipped, images, start = 0, 0, 0, time.perf_counter()
+        if not (st.samples_in_epoch and st.epoch_tally):  # a resumed epoch carries its totals on
+            st.epoch_tally = new_epoch_tally(st.samples_in_epoch)
+        tally = st.epoch_tally
+        self._epoch_clock = (tally["time_s"], time.perf_counter())
         step_start, data_wait, micro = time.perf_counter(), 0.0, 0
         batches = iter(self.loader)
         while st.step < self.total_steps:
@@ -323,17 +335,17 @@ class Trainer:
                                              f"{report['ranks']}; diagnostic in {self.run_dir / 'nonfinite.json'}")
                 self.write_diagnostic("nonfinite.jsonl", report, append=True)
                 st.skipped_steps += 1
-                skipped += 1
+                tally["skipped"] += 1
             else:
-                self._accumulate(sums, result)
-                count += 1
+                self._accumulate(tally["sums"], result)
+                tally["count"] += 1
             if micro % self.grad_accum:
                 continue
             # ---- an optimiser step is complete
             st.step += 1
             self.health.set_step(st.step)
             st.samples_in_epoch += t.global_batch_size
-            images += t.global_batch_size
+            tally["images"] += t.global_batch_size
             if not result["nonfinite"]:
                 st.history.append(result["loss"])
             step_time = time.perf_counter() - step_start
@@ -344,14 +356,14 @@ class Trainer:
             step_start, data_wait = time.perf_counter(), 0.0
             if result["stop"]:  # SIGTERM/SIGUSR1 on some rank: checkpoint and exit for requeue
                 self.checkpoint()
-                mon.end_epoch(self._epoch_record(sums, count, skipped, images, start, partial=True))
+                mon.end_epoch(self._epoch_record(partial=True))
                 mon.print(f"[yellow]preempted: checkpoint at step {st.step}; exiting with "
                           f"{PREEMPTED_EXIT_CODE} for requeue")
                 return PREEMPTED_EXIT_CODE
             if t.checkpoint_every_steps and st.step % t.checkpoint_every_steps == 0:
                 self.checkpoint()
         finished = st.samples_in_epoch >= self.steps_per_epoch * t.global_batch_size
-        record = self._epoch_record(sums, count, skipped, images, start, partial=not finished)
+        record = self._epoch_record(partial=not finished or tally["from_sample"] > 0)
         if finished or st.step >= self.total_steps:  # every rank: the evaluation holds collectives
             for hook in self.hooks:
                 record.update(hook.on_epoch_end(self.engine.module, st.epoch, st.step))
@@ -360,6 +372,7 @@ class Trainer:
         if finished:
             st.epoch += 1
             st.samples_in_epoch = 0
+            st.epoch_tally = {}
         return None
 
     # ------------------------------------------------------------------ logging
@@ -370,13 +383,19 @@ class Trainer:
             if k != "loss":
                 sums[k] = sums.get(k, 0.0) + float(v)  # components are detached 0-dim tensors
 
-    def _epoch_record(self, sums: dict, count: int, skipped: int, images: int, start: float,
-                      partial: bool) -> dict:
-        elapsed = time.perf_counter() - start
+    def _epoch_seconds(self) -> float:
+        """Seconds spent in the current epoch, over all the runs it was trained in."""
+        before, start = getattr(self, "_epoch_clock", (0.0, time.perf_counter()))
+        return before + time.perf_counter() - start
+
+    def _epoch_record(self, partial: bool) -> dict:
+        """The current epoch's summary from its running totals (carried across a resume)."""
+        tally = self.state.epoch_tally
+        elapsed, count = self._epoch_seconds(), tally["count"]
         record = {"epoch": self.state.epoch, "steps": self.state.step, "partial": partial,
-                  "time_s": elapsed, "images_per_s": images / elapsed if elapsed > 0 else None,
-                  "skipped_steps": skipped, "bad_files": len(self.loader.bad_files)}
-        record.update({k: v / count for k, v in sums.items()} if count else {})
+                  "time_s": elapsed, "images_per_s": tally["images"] / elapsed if elapsed > 0 else None,
+                  "skipped_steps": tally["skipped"], "bad_files": len(self.loader.bad_files)}
+        record.update({k: v / count for k, v in tally["sums"].items()} if count else {})
         record["regulariser"] = record.get("mmd2", record.get("uniformity", record.get("covariance")))
         return record
 
@@ -486,6 +505,8 @@ class Trainer:
                                                      "what": "non-finite parameters before a checkpoint"})
             raise NonFiniteStateError(f"parameters are non-finite at step {self.state.step}; no checkpoint was "
                                       f"written, the last complete one in {self.run_dir / 'checkpoints'} is intact")
+        if self.state.epoch_tally:
+            self.state.epoch_tally["time_s"] = self._epoch_seconds()
         client = {"train_state": self.state.to_dict(), "config": self.cfg.to_dict(),
                   "sampler": self.loader.sharded_sampler.state_dict(self.state.samples_in_epoch),
                   **{hook.key: hook.state_dict() for hook in self.hooks}}

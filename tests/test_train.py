@@ -101,6 +101,11 @@ def test_stop_and_resume_reproduces_the_uninterrupted_trajectory(tmp_path):
     assert len(a) == len(b) == 6
     assert a == b  # bit-exact in fp32 on one CPU process
     assert b[-1] < b[0]
+    # the epoch interrupted at step 3 is summarised whole: its totals travel in the checkpoint
+    (e0, e1), (f0, f1) = summary(straight)["epochs"], summary(split)["epochs"]
+    assert (f0["epoch"], f0["steps"], f0["partial"], f1["partial"]) == (0, 4, False, True)
+    assert f0["loss"] == e0["loss"] == sum(a[:4]) / 4 and f1["loss"] == e1["loss"]
+    assert f0["images_per_s"] > 0 and f0["time_s"] > 0
 
 
 # ------------------------------------------------------------------ preemption
