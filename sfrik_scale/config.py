@@ -39,6 +39,7 @@ from sfrik_scale.ds_config import check_extra, expand_ds_template
 from sfrik_scale.errors import ConfigError
 from sfrik_scale.errors import short as _short
 from sfrik_scale.errors import suggest as _suggest
+from sfrik_scale.losses import LOSS_SPECS, option_declarations
 
 CONFIG_FILENAME = "config.yaml"
 DEFAULT_RECIPE = "demo"
@@ -52,7 +53,7 @@ def _f(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclas
 
 # --------------------------------------------------------------------------- sections
 
-LossName = Literal["sfrik", "vicreg", "simclr", "align_uniform", "contrastive"]
+LossName = Literal[tuple(LOSS_SPECS)]  # type: ignore[valid-type]  # every registered loss
 
 
 @dataclass
@@ -80,43 +81,34 @@ class ModelConfig:
         return self.projector_widths[-1]
 
 
-# Per-loss defaults, filled into the loss fields a recipe leaves at None (so that the
-# resolved config always shows the numbers that ran). Sources: the SFRIK repository's
-# commands (valeoai/sfrik README) and the VICReg paper / official code.
-LOSS_DEFAULTS: Dict[str, Dict[str, float]] = {
-    "sfrik": {"sim_coeff": 4000.0, "mmd_coeff": 1.0},
-    "vicreg": {"sim_coeff": 25.0, "std_coeff": 25.0, "cov_coeff": 1.0},
-    "simclr": {"temperature": 0.15},
-    "align_uniform": {"sim_coeff": 3000.0, "mmd_coeff": 1.0, "scale": 2.5},
-    "contrastive": {"sim_coeff": 4000.0, "mmd_coeff": 1.0},
-}
+def _loss_option_help(declarations: list) -> str:
+    """One option's help: its declaring losses' help, and each loss's default."""
+    helps = list(dict.fromkeys(option.help for _, option in declarations))
+    defaults = [f"{loss} {option.default:g}" if isinstance(option.default, float) else f"{loss} {option.default}"
+                for loss, option in declarations if option.default is not None]
+    used = ", ".join(loss for loss, _ in declarations)
+    tail = (f" None: the loss's default ({', '.join(defaults)})." if defaults
+            else " None: chosen from the sizes.")
+    return " ".join(helps) + f" Used by {used}." + tail
 
 
-@dataclass
-class LossConfig:
-    """The self-supervised loss (``sfrik_scale.losses``); fields a loss does not use are ignored."""
+def _make_loss_config() -> type:
+    """The ``loss`` section, derived from the losses' specs (`sfrik_scale.losses.spec`): ``name``
+    and one field per option any loss declares, None by default. A run's loss options left at
+    None are filled from its loss's spec (so the resolved config shows the numbers that ran);
+    fields the loss does not take are ignored."""
+    fields = [("name", LossName, _f("sfrik", help=", ".join(
+        f"{spec.name} ({spec.summary})" for spec in LOSS_SPECS.values()) + "."))]
+    for name, declarations in option_declarations().items():
+        types = {repr(option.type) for _, option in declarations}
+        if len(types) > 1:
+            raise TypeError(f"losses declare option {name!r} with different types: {sorted(types)}")
+        fields.append((name, Optional[declarations[0][1].type], _f(None, help=_loss_option_help(declarations))))
+    return dataclasses.make_dataclass("LossConfig", fields, namespace={"__doc__": (
+        "The self-supervised loss (``sfrik_scale.losses``); fields a loss does not use are ignored.")})
 
-    name: LossName = _f("sfrik", help=(
-        "sfrik (truncated Legendre kernel MMD), vicreg, simclr (NT-Xent with global negatives), "
-        "align_uniform (alignment & uniformity on the hypersphere), contrastive (quadratic kernel t^2)."))
-    coeffs: Tuple[float, ...] = _f((1.0, 40.0, 40.0), help=(
-        "SFRIK Legendre coefficients (b_1, ..., b_L), all >= 0 and not all zero (Schoenberg: the kernel "
-        "is positive definite). (1, 40, 40) is the paper's L = 3; (1, 40) its L = 2."))
-    sim_coeff: Optional[float] = _f(None, help=(
-        "Weight of the invariance term mean((z1 - z2)^2) (sfrik, vicreg, align_uniform, contrastive). "
-        "None: the loss's default (sfrik 4000, vicreg 25, align_uniform 3000, contrastive 4000)."))
-    mmd_coeff: Optional[float] = _f(None, help=(
-        "Weight of the kernel regulariser (sfrik's MMD^2 term, align_uniform's uniformity term, "
-        "contrastive's t^2 term). None: 1.0."))
-    std_coeff: Optional[float] = _f(None, help="VICReg variance-hinge weight. None: 25.")
-    cov_coeff: Optional[float] = _f(None, help="VICReg covariance weight. None: 1.")
-    temperature: Optional[float] = _f(None, help="SimCLR temperature (> 0). None: 0.15.")
-    scale: Optional[float] = _f(None, help=(
-        "Alignment-uniformity kernel scale s in exp(-s |u - v|^2) (> 0). None: 2.5."))
-    chunk_size: Optional[int] = _f(None, help=(
-        "Kernel losses: rows per Gram block in sfrik_scale.gram.kernel_mean (memory O(chunk x N)). "
-        "vicreg: covariance columns per block (memory O(q x chunk), never q x q). "
-        "None: a default chosen from the sizes."))
+
+LossConfig = _make_loss_config()
 
 
 @dataclass
@@ -294,7 +286,7 @@ class ProfilingConfig:
 @dataclass
 class Config:
     """A complete run description. Build it with :func:`load_config`, which also fills the loss
-    coefficients left at None from ``LOSS_DEFAULTS`` and expands ``deepspeed.config_file``."""
+    coefficients left at None from the loss's spec (``sfrik_scale.losses``) and expands ``deepspeed.config_file``."""
 
     model: ModelConfig = _f(factory=ModelConfig, help=ModelConfig.__doc__)
     loss: LossConfig = _f(factory=LossConfig, help=LossConfig.__doc__)
@@ -480,7 +472,7 @@ def _build_section(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
 
 
 def _resolve_loss_defaults(cfg: Config) -> None:
-    for name, value in LOSS_DEFAULTS[cfg.loss.name].items():
+    for name, value in LOSS_SPECS[cfg.loss.name].defaults().items():
         if getattr(cfg.loss, name) is None:
             setattr(cfg.loss, name, value)
 
@@ -596,18 +588,10 @@ def _check_values(cfg: Config) -> None:
              f"{m.projector!r} is not a spec of positive widths like '8192-8192-32768'")
     _require(m.embedding_dim >= 2, "model.projector", f"the last width q = {m.embedding_dim} must be >= 2")
 
-    _require(len(lo.coeffs) >= 1, "loss.coeffs", "needs at least b_1, e.g. [1, 40, 40]")
-    for i, b in enumerate(lo.coeffs):
-        _require(b >= 0, "loss.coeffs", f"b_{i + 1} = {b} is negative: the truncated Legendre kernel is positive "
-                                        "definite only with all coefficients >= 0 (Schoenberg)")
-    _require(any(b > 0 for b in lo.coeffs), "loss.coeffs", "all coefficients are zero: no regularisation")
-    for name in ("sim_coeff", "mmd_coeff", "std_coeff", "cov_coeff"):
-        value = getattr(lo, name)
-        _require(value is None or value >= 0, f"loss.{name}", f"must be >= 0, got {value}")
-    for name in ("temperature", "scale"):
-        value = getattr(lo, name)
-        _require(value is None or value > 0, f"loss.{name}", f"must be > 0, got {value}")
-    _require(lo.chunk_size is None or lo.chunk_size >= 1, "loss.chunk_size", f"must be >= 1, got {lo.chunk_size}")
+    for name, declarations in option_declarations().items():  # each option's own checks (specs)
+        own = [option for loss, option in declarations if loss == lo.name] or [declarations[0][1]]
+        problem = own[0].problem(getattr(lo, name))
+        _require(problem is None, f"loss.{name}", problem or "")
 
     _require(d.dataset not in ("image_folder", "file_list") or bool(d.path), "data.path",
              f"required for dataset {d.dataset!r}: pass data.path=/path/to/images")

@@ -165,7 +165,7 @@ class Trainer:
         return "torchvision"
 
     def build_model(self) -> None:
-        from .losses import build_loss_from_config
+        from .losses import LOSS_SPECS, build_loss_from_config
         from .models import batchnorm_in_fp32, build_model, convert_sync_batchnorm
 
         m = self.cfg.model
@@ -177,6 +177,7 @@ class Trainer:
             batchnorm_in_fp32(model)  # DeepSpeed casts BN weights to bf16/fp16; statistics stay fp32
         self.model = model
         self.loss_fn = build_loss_from_config(self.cfg.loss, q=model.q)
+        self.regulariser_key = LOSS_SPECS[self.cfg.loss.name].regulariser  # the summary's "regulariser" column
 
     def build_engine(self) -> None:
         import deepspeed
@@ -396,7 +397,7 @@ class Trainer:
                   "time_s": elapsed, "images_per_s": tally["images"] / elapsed if elapsed > 0 else None,
                   "skipped_steps": tally["skipped"], "bad_files": len(self.loader.bad_files)}
         record.update({k: v / count for k, v in tally["sums"].items()} if count else {})
-        record["regulariser"] = record.get("mmd2", record.get("uniformity", record.get("covariance")))
+        record["regulariser"] = record.get(self.regulariser_key) if self.regulariser_key else None
         return record
 
     def log_step(self, result: dict, step_time: float, data_wait: float) -> None:

@@ -148,3 +148,54 @@ def test_one_free_port_and_one_error_handler():
 def test_commands_are_registered_by_explicit_imports():
     text = MODULES["sfrik_scale.cli"].read_text()
     assert "importlib" not in text and "import_module" not in text
+
+
+#: files that may spell a loss's name, and why (everything else derives names from the specs)
+LOSS_NAME_ALLOWED = {
+    "config.py": "the default of loss.name, and augmentation presets named after methods",
+    "data/__init__.py": "the default augmentation preset, named after a method",
+    "data/transforms.py": "augmentation presets named after methods",
+    "benchmarks/data.py": "the default augmentation preset, named after a method",
+    "planning/paper.py": "the paper's published figures, per method",
+    "planning/reference.py": "the reconstruction of the official code's memory path",
+    "planning/tables.py": "the paper's VICReg / SFRIK ratio columns",
+    "planning/cli.py": "the presets that reproduce the paper's memory table",
+    "planning/simulate.py": "the paper's scenario as the simulator's default",
+}
+
+
+def _string_constants(tree: ast.AST) -> list[ast.Constant]:
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [node for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_loss_names_are_spelled_only_by_their_own_module():
+    """A loss is known to the rest of the program through its spec: no other module of the
+    package names it in code (docstrings and the allow-list above aside)."""
+    from sfrik_scale.losses import LOSS_SPECS
+
+    names, found = set(LOSS_SPECS), []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel in LOSS_NAME_ALLOWED or (rel.startswith("losses/") and path.stem in names):
+            continue
+        found += [f"{rel}:{node.lineno}: {node.value!r}" for node in _string_constants(ast.parse(path.read_text()))
+                  if node.value in names]
+    assert found == []
+    assert {"sfrik", "vicreg", "simclr", "align_uniform", "contrastive"} <= names
+
+
+def test_every_loss_spec_is_complete_and_builds_with_its_defaults():
+    from sfrik_scale.config import load_config
+    from sfrik_scale.losses import LOSS_SPECS, LOSSES, build_loss_from_config, loss_parameters
+
+    for name, spec in LOSS_SPECS.items():
+        assert LOSSES.get(name) is spec.cls and spec.display and spec.summary
+        assert {o.name for o in spec.options} <= set(loss_parameters(name)), name  # every option is a keyword
+        cfg = load_config(None, [f"loss.name={name}"] + [f"loss.{k}=null" for k in spec.defaults()])  # unset
+        assert {k: getattr(cfg.loss, k) for k in spec.defaults()} == spec.defaults()
+        loss = build_loss_from_config(cfg.loss, q=16)
+        assert isinstance(loss, spec.cls)

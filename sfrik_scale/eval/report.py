@@ -33,10 +33,9 @@ import statistics
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from ..losses import display_name
 from .common import RESULT_FILE, RESULT_SCHEMA, fmt
 
-METHOD_NAMES = {"sfrik": "SFRIK", "vicreg": "VICReg", "simclr": "SimCLR", "align_uniform": "AUH",
-                "contrastive": "Contrastive"}
 
 
 def collect_results(paths: Iterable[str | Path]) -> list[dict]:
@@ -100,7 +99,7 @@ def _method(src: dict, baseline: str | None = None) -> str:
     if baseline == "random" or src.get("random_init"):
         return f"random init ({src.get('backbone')})"
     name = (src.get("pretrain") or {}).get("method")
-    return METHOD_NAMES.get(name, name or src.get("backbone") or "?")
+    return display_name(name) or src.get("backbone") or "?"
 
 
 def _fraction_label(fraction: float) -> str:

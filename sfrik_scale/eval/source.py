@@ -28,6 +28,7 @@ import yaml
 from torch import nn
 
 from ..checkpoint import consolidated_state_dict, latest_complete, step_of
+from ..losses import LOSS_SPECS
 from ..models import build_backbone
 
 EXPORT_INFO = "export.json"
@@ -80,8 +81,9 @@ def pretrain_summary(raw: dict) -> dict:
     q = int(projector.split("-")[-1]) if projector and projector.split("-")[-1].isdigit() else None
     method = loss.get("name")
     coeffs = list(loss.get("coeffs") or [])
-    return {"method": method, "q": q, "L": len(coeffs) if method == "sfrik" and coeffs else None,
-            "coeffs": coeffs if method == "sfrik" else None, "projector": projector or None,
+    legendre = method in LOSS_SPECS and LOSS_SPECS[method].option("coeffs") is not None  # L: SFRIK's degree
+    return {"method": method, "q": q, "L": len(coeffs) if legendre and coeffs else None,
+            "coeffs": coeffs if legendre else None, "projector": projector or None,
             "epochs": train.get("epochs"), "max_steps": train.get("max_steps"),
             "global_batch_size": train.get("global_batch_size"), "seed": train.get("seed"),
             "dataset": data.get("dataset"), "path": data.get("path"), "image_size": data.get("image_size"),

@@ -8,11 +8,12 @@ DeepSpeed/DDP gradient averaging gives the exact single-process parameter gradie
 class's ``local_components`` names the components that are this rank's own (they average
 over ranks to the single-process value); the others are global, identical on every rank.
 
-    sfrik          SFRIKLoss                 truncated Legendre kernel MMD (Zheng et al., 2023)
-    vicreg         VICRegLoss                variance-invariance-covariance (Bardes et al., 2022)
-    simclr         SimCLRLoss                NT-Xent with global negatives (Chen et al., 2020)
-    align_uniform  AlignUniformLoss          alignment & uniformity (Wang & Isola, 2020)
-    contrastive    ContrastiveQuadraticLoss  quadratic-kernel sample-contrastive (Garrido et al., 2023)
+Each loss module declares itself with ``SPEC = LossSpec(...)`` (`sfrik_scale.losses.spec`):
+its name, class, options (type, default, help, checks), display name and regulariser
+component. This package registers every ``SPEC`` it finds, and the configuration, trainer,
+memory simulator, reports and tables derive what they need from `LOSS_SPECS`; adding a loss
+is one new module (plus a recipe and a test). ``sfrik-scale pretrain --show-config`` lists
+the registered losses and their options.
 
 Example:
     >>> import torch
@@ -21,8 +22,10 @@ Example:
 """
 from __future__ import annotations
 
+import importlib
 import inspect
-from typing import Any
+import pkgutil
+from typing import Any, Optional
 
 from torch import nn
 
@@ -32,18 +35,47 @@ from .contrastive import ContrastiveQuadraticLoss
 from .kernel_mmd import KernelMMDLoss
 from .sfrik import SFRIKLoss
 from .simclr import SimCLRLoss
+from .spec import LossSpec, Option
 from .vicreg import VICRegLoss
 
-__all__ = ["LOSSES", "AlignUniformLoss", "ContrastiveQuadraticLoss", "KernelMMDLoss", "SFRIKLoss",
-           "SimCLRLoss", "VICRegLoss", "build_loss", "build_loss_from_config", "loss_options", "loss_parameters"]
+__all__ = ["LOSSES", "LOSS_SPECS", "AlignUniformLoss", "ContrastiveQuadraticLoss", "KernelMMDLoss", "LossSpec",
+           "Option", "SFRIKLoss", "SimCLRLoss", "VICRegLoss", "build_loss", "build_loss_from_config",
+           "display_name", "loss_options", "loss_parameters", "option_declarations"]
 
 #: name -> loss class; every class takes ``q`` and ``group`` keywords
 LOSSES: Registry[type[nn.Module]] = Registry("loss")
-LOSSES.register("sfrik")(SFRIKLoss)
-LOSSES.register("vicreg")(VICRegLoss)
-LOSSES.register("simclr")(SimCLRLoss)
-LOSSES.register("align_uniform")(AlignUniformLoss)
-LOSSES.register("contrastive")(ContrastiveQuadraticLoss)
+#: name -> the `LossSpec` its module declares
+LOSS_SPECS: dict[str, LossSpec] = {}
+
+
+def _discover() -> None:
+    """Register the ``SPEC`` of every module of this package (a new loss is one new module)."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name.startswith("_") or info.name == "spec":
+            continue
+        spec = getattr(importlib.import_module(f"{__name__}.{info.name}"), "SPEC", None)
+        if isinstance(spec, LossSpec):
+            LOSSES.register(spec.name)(spec.cls)
+            LOSS_SPECS[spec.name] = spec
+
+
+_discover()
+
+
+def option_declarations() -> dict[str, list[tuple[str, Option]]]:
+    """Every option name any loss declares -> [(loss name, its declaration), ...], in the order
+    of first declaration (losses by name); the ``loss`` section of the config is built from it."""
+    table: dict[str, list[tuple[str, Option]]] = {}
+    for name in sorted(LOSS_SPECS):
+        for option in LOSS_SPECS[name].options:
+            table.setdefault(option.name, []).append((name, option))
+    return table
+
+
+def display_name(name: Optional[str]) -> Optional[str]:
+    """The name tables print for the loss ``name`` ("SFRIK"); unknown names unchanged."""
+    spec = LOSS_SPECS.get(name) if name else None
+    return spec.display if spec else name
 
 
 def loss_parameters(name: str) -> tuple[str, ...]:

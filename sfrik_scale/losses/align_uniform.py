@@ -16,6 +16,7 @@ from ..gram import kernel_mean
 from ..kernels import GaussianKernel
 from ._common import check_coeff, global_rows
 from .kernel_mmd import KernelMMDLoss
+from .spec import CHUNK_SIZE_HELP, MMD_COEFF_HELP, SIM_COEFF_HELP, LossSpec, Option
 
 
 class AlignUniformLoss(KernelMMDLoss):
@@ -91,3 +92,16 @@ class AlignUniformLoss(KernelMMDLoss):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", scale={self.scale}"
+
+
+SPEC = LossSpec(
+    name="align_uniform", cls=AlignUniformLoss, display="AUH",
+    summary="alignment & uniformity on the hypersphere (Wang & Isola, 2020)",
+    options=(
+        Option("sim_coeff", float, 3000.0, SIM_COEFF_HELP, minimum=0.0),
+        Option("mmd_coeff", float, 1.0, MMD_COEFF_HELP, minimum=0.0),
+        Option("scale", float, 2.5, "Alignment-uniformity kernel scale s in exp(-s |u - v|^2) (> 0).",
+               minimum=0.0, strict=True),
+        Option("chunk_size", int, None, CHUNK_SIZE_HELP, minimum=1),
+    ),
+    regulariser="uniformity")

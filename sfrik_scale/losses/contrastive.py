@@ -12,6 +12,7 @@ from typing import Optional
 from .. import comm
 from ..kernels import QuadraticKernel
 from .kernel_mmd import KernelMMDLoss
+from .spec import CHUNK_SIZE_HELP, MMD_COEFF_HELP, SIM_COEFF_HELP, LossSpec, Option
 
 
 class ContrastiveQuadraticLoss(KernelMMDLoss):
@@ -28,7 +29,7 @@ class ContrastiveQuadraticLoss(KernelMMDLoss):
 
     Args:
         q: embedding width, >= 2.
-        sim_coeff: invariance weight (>= 0); default 4000 as in ``config.LOSS_DEFAULTS``.
+        sim_coeff: invariance weight (>= 0); default 4000 as in its SPEC.
         mmd_coeff: regulariser weight (>= 0).
         chunk_size: peer rows per Gram block in ``gram.kernel_mean`` (None: from the sizes).
         group: process group (None: the default group, or a single process).
@@ -60,3 +61,14 @@ class ContrastiveQuadraticLoss(KernelMMDLoss):
                  chunk_size: Optional[int] = None, group: comm.Group = None) -> None:
         super().__init__(QuadraticKernel(q), sim_coeff=sim_coeff, mmd_coeff=mmd_coeff,
                          chunk_size=chunk_size, group=group)
+
+
+SPEC = LossSpec(
+    name="contrastive", cls=ContrastiveQuadraticLoss, display="Contrastive",
+    summary="quadratic-kernel sample-contrastive, t^2 (Garrido et al., 2023)",
+    options=(
+        Option("sim_coeff", float, 4000.0, SIM_COEFF_HELP, minimum=0.0),
+        Option("mmd_coeff", float, 1.0, MMD_COEFF_HELP, minimum=0.0),
+        Option("chunk_size", int, None, CHUNK_SIZE_HELP, minimum=1),
+    ),
+    regulariser="mmd2")

@@ -6,11 +6,12 @@ src/sfrik/ssl.py, whose formula this follows term by term).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 from .. import comm
 from ..kernels import TruncatedLegendre
 from .kernel_mmd import KernelMMDLoss
+from .spec import CHUNK_SIZE_HELP, MMD_COEFF_HELP, SIM_COEFF_HELP, LossSpec, Option
 
 
 class SFRIKLoss(KernelMMDLoss):
@@ -27,7 +28,7 @@ class SFRIKLoss(KernelMMDLoss):
     the loss here is sim_coeff / q times that, with lambda = mmd_coeff * q / sim_coeff
     (``slides_lambda``). Published recipes: ResNet-50, projector 8192-8192-32768:
     sim_coeff 40000 (lambda = 0.8192); ResNet-18, projector 8192-8192-8192 on ImageNet 20%:
-    sim_coeff 4000 (lambda = 2.048), the default here and in ``config.LOSS_DEFAULTS``. Keep
+    sim_coeff 4000 (lambda = 2.048), the default here and in its SPEC. Keep
     lambda, not sim_coeff, when changing q.
 
     Args:
@@ -80,3 +81,26 @@ class SFRIKLoss(KernelMMDLoss):
         """lambda of the slides' form (1/n) sum |z1 - z2|^2 + lambda/2 (L(Z1) + L(Z2)):
         mmd_coeff * q / sim_coeff (inf when sim_coeff = 0)."""
         return self.mmd_coeff * self.q / self.sim_coeff if self.sim_coeff else float("inf")
+
+
+def _coeffs_problem(coeffs) -> Optional[str]:
+    if len(coeffs) < 1:
+        return "needs at least b_1, e.g. [1, 40, 40]"
+    for i, b in enumerate(coeffs):
+        if b < 0:
+            return (f"b_{i + 1} = {b} is negative: the truncated Legendre kernel is positive definite only with "
+                    "all coefficients >= 0 (Schoenberg)")
+    return None if any(b > 0 for b in coeffs) else "all coefficients are zero: no regularisation"
+
+
+SPEC = LossSpec(
+    name="sfrik", cls=SFRIKLoss, display="SFRIK", summary="truncated Legendre kernel MMD (Zheng et al., 2023)",
+    options=(
+        Option("coeffs", Tuple[float, ...], (1.0, 40.0, 40.0), (
+            "SFRIK Legendre coefficients (b_1, ..., b_L), all >= 0 and not all zero (Schoenberg: the kernel is "
+            "positive definite). (1, 40, 40) is the paper's L = 3; (1, 40) its L = 2."), check=_coeffs_problem),
+        Option("sim_coeff", float, 4000.0, SIM_COEFF_HELP, minimum=0.0),
+        Option("mmd_coeff", float, 1.0, MMD_COEFF_HELP, minimum=0.0),
+        Option("chunk_size", int, None, CHUNK_SIZE_HELP, minimum=1),
+    ),
+    regulariser="mmd2")

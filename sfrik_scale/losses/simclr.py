@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import comm
 from ._common import check_coeff, check_q, unit_rows, validate_views
+from .spec import LossSpec, Option
 
 
 class SimCLRLoss(nn.Module):
@@ -94,3 +95,8 @@ class SimCLRLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, q={self.q}"
+
+
+SPEC = LossSpec(
+    name="simclr", cls=SimCLRLoss, display="SimCLR", summary="NT-Xent with global negatives (Chen et al., 2020)",
+    options=(Option("temperature", float, 0.15, "SimCLR temperature (> 0).", minimum=0.0, strict=True),))

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import comm
 from ._common import check_chunk_size, check_coeff, check_q, compute_dtype, global_rows, validate_views
+from .spec import CHUNK_SIZE_HELP, SIM_COEFF_HELP, LossSpec, Option
 
 
 _BLOCK_ELEMENTS = 1 << 25
@@ -184,3 +185,14 @@ class VICRegLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"sim_coeff={self.sim_coeff}, std_coeff={self.std_coeff}, cov_coeff={self.cov_coeff}, "
                 f"eps={self.eps}, q={self.q}" + (f", chunk_size={self.chunk_size}" if self.chunk_size else ""))
+
+
+SPEC = LossSpec(
+    name="vicreg", cls=VICRegLoss, display="VICReg", summary="variance-invariance-covariance (Bardes et al., 2022)",
+    options=(
+        Option("sim_coeff", float, 25.0, SIM_COEFF_HELP, minimum=0.0),
+        Option("std_coeff", float, 25.0, "VICReg variance-hinge weight.", minimum=0.0),
+        Option("cov_coeff", float, 1.0, "VICReg covariance weight.", minimum=0.0),
+        Option("chunk_size", int, None, CHUNK_SIZE_HELP, minimum=1),
+    ),
+    regulariser="covariance")

@@ -9,6 +9,8 @@ them.
 """
 from __future__ import annotations
 
+#: the methods of the paper's memory comparison, in its column order
+PAPER_METHODS = ("vicreg", "sfrik")
 #: (q, global batch) -> {method: GB per GPU} (Table of the paper's memory comparison)
 PAPER_MEMORY_GB = {
     (32768, 256): {"vicreg": 22.5, "sfrik": 10.3},

@@ -19,11 +19,12 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from .paper import paper_gb
+from ..losses import display_name
+from .paper import PAPER_METHODS, paper_gb
 
 GB = 1e9
-#: methods in column order (others follow alphabetically)
-METHOD_ORDER = ("vicreg", "sfrik", "simclr", "align_uniform", "contrastive")
+#: methods in column order: the paper's two, then the others alphabetically
+METHOD_ORDER = PAPER_METHODS
 CSV_FIELDS = ("implementation", "source", "method", "q", "global_batch", "world_size", "zero_stage", "precision",
               "backbone", "projector", "peak_bytes", "peak_gb", "peak_phase", "error")
 
@@ -96,7 +97,7 @@ def memory_rows(results: Sequence[dict], with_paper: bool = True) -> tuple[list[
 
 
 def _label(method: str) -> str:
-    return {"vicreg": "VICReg", "sfrik": "SFRIK", "simclr": "SimCLR", "align_uniform": "AUH"}.get(method, method)
+    return display_name(method)
 
 
 def to_markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

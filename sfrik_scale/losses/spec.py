@@ -1,0 +1,82 @@
+"""What a loss module declares about itself, so that nothing else has to know it.
+
+Every module of ``sfrik_scale.losses`` that defines a loss ends with ``SPEC = LossSpec(...)``.
+The package registers every ``SPEC`` it finds (`sfrik_scale.losses.LOSSES`), and the rest of
+the program derives what it needs from the specs: the ``loss`` section of the configuration
+(one key per option, its type, help and checks; the defaults a run gets when a key is left
+unset), ``--show-config``, the trainer and the memory simulator (`build_loss_from_config`),
+the epoch summaries (the regulariser component) and the display names of tables and reports.
+
+Adding a loss therefore takes one new module (the loss, its ``SPEC``), a recipe and a test.
+
+Example:
+    >>> SPEC = LossSpec(
+    ...     name="my_loss", cls=MyLoss, display="Mine", summary="what it does, in a few words",
+    ...     options=(Option("sim_coeff", float, 25.0, SIM_COEFF_HELP, minimum=0.0),),
+    ...     regulariser="covariance")
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+#: help of the options several losses share (each loss declares its own default)
+SIM_COEFF_HELP = "Weight of the invariance term mean((z1 - z2)^2)."
+MMD_COEFF_HELP = "Weight of the kernel regulariser."
+CHUNK_SIZE_HELP = "Rows or columns per block of the loss's pairwise or covariance products (memory); None: from the sizes."
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword argument of a loss, as the configuration offers it (``loss.<name>``).
+
+    ``type`` is the value's type as the configuration parses it (``float``, ``int``,
+    ``Tuple[float, ...]``); ``default`` is what a run gets when the key is left unset (None:
+    the class's own default). ``minimum`` with ``strict`` gives the check ">= minimum" or
+    "> minimum"; ``check`` returns a message when a value is invalid, else None.
+    """
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    minimum: Optional[float] = None
+    strict: bool = False
+    check: Optional[Callable[[Any], Optional[str]]] = None
+
+    def problem(self, value: Any) -> Optional[str]:
+        """Why ``value`` is invalid for this option, or None (None values are always valid)."""
+        if value is None:
+            return None
+        if self.minimum is not None:
+            bad = not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                value <= self.minimum if self.strict else value < self.minimum)
+            if bad:
+                return f"must be {'>' if self.strict else '>='} {self.minimum:g}, got {value}"
+        return self.check(value) if self.check is not None else None
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A loss as the program sees it.
+
+    name: the ``loss.name`` value; cls: the ``nn.Module`` class, built as ``cls(q=..., group=...,
+    **options)``; display: the name tables and reports print ("SFRIK"); summary: a few words
+    for help texts; options: its keyword arguments (`Option`); regulariser: the output
+    component the epoch summaries show as "regulariser" (None: none).
+    """
+
+    name: str
+    cls: type
+    display: str
+    summary: str
+    options: Sequence[Option] = ()
+    regulariser: Optional[str] = None
+
+    def option(self, name: str) -> Optional[Option]:
+        return next((o for o in self.options if o.name == name), None)
+
+    def defaults(self) -> dict:
+        """Options whose configuration default is set: {name: value}."""
+        return {o.name: o.default for o in self.options if o.default is not None}
