@@ -203,3 +203,15 @@ def test_distributed_nan_on_one_rank_raises_on_every_rank_without_hang():
     for res in launched(3):
         assert res["nan"].startswith("NonFiniteInputError") and "rank 1: z2 holds 1 non-finite" in res["nan"]
         assert np.isfinite(res["after"])
+
+
+def test_its_memory_is_simulated_without_a_q_by_q_matrix():
+    """The memory simulator runs the loss as the trainer builds it (small_barlow_twins recipe):
+    at q = 16384 in blocks of 256 columns its workspace stays far below one q x q fp32 matrix."""
+    from sfrik_scale.config import load_config
+    from sfrik_scale.planning.simulate import Scenario, simulate
+
+    cfg = load_config("small_barlow_twins", ["model.projector=512-512-16384", "loss.chunk_size=256"]).validate(1)
+    estimate = simulate(Scenario.from_config(cfg, 1, device="cpu"))
+    assert estimate.scenario.method == "barlow_twins"
+    assert 0 < estimate.breakdown["loss_workspace"] < 16384 ** 2 * 4 / 4
