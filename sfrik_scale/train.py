@@ -118,51 +118,18 @@ class Trainer:
         return self
 
     def build_data(self) -> None:
-        from .data import build_loader, build_pretrain_dataset
+        from .data.pretrain import build_pretrain_loader
 
-        d, t = self.cfg.data, self.cfg.train
-        if d.dataset in ("synthetic", "digits"):
-            extra = dict(num_samples=d.synthetic_size, num_classes=d.num_classes)
-        elif d.dataset == "image_folder":
-            extra = dict(root=d.path, first_k_per_class=d.images_per_class, strict=not d.skip_bad_files)
-        else:
-            extra = dict(list_file=d.path, first_k_per_class=d.images_per_class, strict=not d.skip_bad_files)
-        self.dataset = build_pretrain_dataset(d.dataset, augmentations=d.augmentations, image_size=d.image_size,
-                                              seed=t.seed, **extra)
-        batches = dict(micro_batch_size=self.micro_batch, global_batch_size=t.global_batch_size,
-                       rank=self.topo.rank, world_size=self.topo.world_size, seed=t.seed)
-        self.data_backend = self.choose_data_backend()
-        if self.data_backend == "dali":
-            from .data.dali import build_dali_loader
-
-            on_gpu = self.topo.device.type == "cuda"
-            # the same dataset object: DALI reads its view descriptions, files, seed and bad-file log
-            self.loader = build_dali_loader(self.dataset, num_threads=d.num_threads, strict=not d.skip_bad_files,
-                                            device="gpu" if on_gpu else "cpu",
-                                            device_id=self.topo.device.index if on_gpu else None, **batches)
-        else:
-            self.loader = build_loader(self.dataset, num_workers=d.num_workers, **batches)
+        t = self.cfg.train
+        data = build_pretrain_loader(self.cfg.data, rank=self.topo.rank, world_size=self.topo.world_size,
+                                     device=self.topo.device, micro_batch_size=self.micro_batch,
+                                     global_batch_size=t.global_batch_size, seed=t.seed,
+                                     announce=print if self.topo.is_main else None)
+        self.dataset, self.loader, self.data_backend = data.dataset, data.loader, data.backend
         self.steps_per_epoch = self.loader.sharded_sampler.epoch_length // t.global_batch_size
         self.total_steps = self.steps_per_epoch * t.epochs
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
-
-    def choose_data_backend(self) -> str:
-        """data.loader -> "dali" or "torchvision"; auto falls back to torchvision with a one-line notice."""
-        choice = self.cfg.data.loader
-        if choice == "torchvision":
-            return choice
-        from .data.dali import dali_available
-
-        ok, reason = dali_available()  # cached; imports DALI and runs a tiny CPU pipeline once
-        if ok:
-            return "dali"
-        if choice == "dali":
-            raise ValueError(f"data.loader=dali but DALI does not work here ({reason}); "
-                             "use data.loader=torchvision or auto")
-        if self.topo.is_main:
-            print(f"data.loader=auto: DALI unavailable ({reason}); using torchvision")
-        return "torchvision"
 
     def build_model(self) -> None:
         from .losses import LOSS_SPECS, build_loss_from_config

@@ -498,3 +498,25 @@ def test_small_view_set_crops_at_least_thirty_percent_jitters_only_brightness_co
                                hue=au.hue, grayscale_p=au.grayscale_p) == au
     flip1, flip2 = AUGMENTATIONS.get("small_flip")(32)
     assert flip1 == flip2 == dataclasses.replace(v1, flip_p=0.5)
+
+
+def test_the_pretrain_loader_chooses_its_backend_and_dataset_options(monkeypatch):
+    from types import SimpleNamespace
+
+    from sfrik_scale.data import dali as dali_module
+    from sfrik_scale.data.pretrain import build_pretrain_loader, choose_backend
+
+    settings = SimpleNamespace(dataset="synthetic", augmentations="small", image_size=16, loader="torchvision",
+                               synthetic_size=64, num_classes=4, num_workers=0, num_threads=1, skip_bad_files=True,
+                               path=None, images_per_class=None)
+    data = build_pretrain_loader(settings, rank=0, world_size=1, device=torch.device("cpu"), micro_batch_size=16,
+                                 global_batch_size=16, seed=0)
+    assert data.backend == "torchvision" and len(data.dataset) == 64
+    view1, view2, labels = next(iter(data.loader))
+    assert view1.shape == view2.shape == (16, 3, 16, 16) and int(labels.max()) < 4
+    monkeypatch.setattr(dali_module, "dali_available", lambda: (False, "no DALI in this test"))
+    notices = []
+    assert choose_backend("auto", notices.append) == "torchvision"
+    assert notices == ["data.loader=auto: DALI unavailable (no DALI in this test); using torchvision"]
+    with pytest.raises(ValueError, match="data.loader=dali but DALI does not work here .no DALI in this test."):
+        choose_backend("dali")

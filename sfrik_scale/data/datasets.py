@@ -56,6 +56,23 @@ def _digits(*, split: str = "train", image_size: int = 32, **_: Any) -> Dataset:
     return SklearnDigits(split=split, image_size=image_size)
 
 
+#: dataset name -> the options it takes from a run's data settings (``cfg.data``)
+_PRETRAIN_OPTIONS: dict[str, Callable[[Any], dict]] = {
+    "synthetic": lambda d: dict(num_samples=d.synthetic_size, num_classes=d.num_classes),
+    "digits": lambda d: {},
+    "image_folder": lambda d: dict(root=d.path, first_k_per_class=d.images_per_class, strict=not d.skip_bad_files),
+    "file_list": lambda d: dict(list_file=d.path, first_k_per_class=d.images_per_class,
+                                strict=not d.skip_bad_files),
+}
+
+
+def pretrain_options(name: str, settings: Any) -> dict:
+    """The keyword arguments of dataset ``name`` read from a run's data settings (an object with
+    the ``data`` section's attributes); a dataset registered without an entry takes none."""
+    DATASETS.get(name)  # an unknown name: KeyError listing the registered ones
+    return _PRETRAIN_OPTIONS.get(name, lambda d: {})(settings)
+
+
 def _dataset_keys() -> set:
     keys = set()
     for name in DATASETS:
