@@ -36,6 +36,7 @@ ZeRO, and "zero_force_ds_cpu_optimizer": false with optimizer offload):
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -405,6 +406,14 @@ def build_adamw(params: ParamsLike, lr: float, weight_decay: float = 0.05,
 def build_optimizer(name: str, params: ParamsLike, lr: float, **kwargs: Any) -> torch.optim.Optimizer:
     """Build the optimiser registered as ``name`` ("lars", "lamb", "adamw")."""
     return OPTIMIZERS.get(name)(params, lr=lr, **kwargs)
+
+
+def optimizer_options(name: str, settings: Any) -> Dict[str, Any]:
+    """The keyword arguments of the optimiser ``name`` found on ``settings`` (a run's ``cfg.optim``:
+    weight_decay, momentum, eta, betas, ...): each builder takes what its signature names."""
+    params = inspect.signature(OPTIMIZERS.get(name)).parameters
+    return {k: tuple(v) if isinstance(v, list) else v for k in params if k not in ("params", "lr")
+            and (v := getattr(settings, k, None)) is not None}
 
 
 # ----------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -22,7 +22,6 @@ from . import comm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .storage import atomic_write_text, write_problem
 from .config import Config
-from .ds_config import build_ds_config
 from .errors import NonFiniteInputError, RaisedOnEveryRank, StorageError
 from .health import RankHealth
 from .hooks import HookFactory
@@ -147,34 +146,11 @@ class Trainer:
         self.regulariser_key = LOSS_SPECS[self.cfg.loss.name].regulariser  # the summary's "regulariser" column
 
     def build_engine(self) -> None:
-        import deepspeed
+        from .engine import build_engine
 
-        from .optim import attach_zero_layout, build_optimizer, build_scheduler
-
-        cfg = self.cfg
-        if cfg.deepspeed.precision == "fp16" and self.topo.device.type != "cuda":
-            raise ValueError("deepspeed.precision: fp16 (dynamic loss scaling) needs a CUDA device; "
-                             "use bf16 or fp32 on CPU")
-        o = cfg.optim
-        opt_kwargs: dict[str, Any] = {"weight_decay": o.weight_decay}
-        if o.name == "lars":
-            opt_kwargs.update(momentum=o.momentum, eta=o.eta)
-        else:
-            opt_kwargs.update(betas=tuple(o.betas))
-        optimizer = build_optimizer(o.name, self.model, lr=cfg.peak_lr, **opt_kwargs)
-        scheduler = build_scheduler(optimizer, o.base_lr, cfg.train.global_batch_size, self.steps_per_epoch,
-                                    cfg.train.epochs, warmup_epochs=o.warmup_epochs, final_ratio=o.final_lr_ratio)
-        self.ds_config = build_ds_config(cfg, self.topo.world_size)
-        # config= only (never also --deepspeed_config: DeepSpeed asserts)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
-        self.zero_layout = attach_zero_layout(optimizer, self.engine)
-        if self.engine.bfloat16_enabled():
-            self.input_dtype = torch.bfloat16
-        elif self.engine.fp16_enabled():
-            self.input_dtype = torch.float16
-        else:
-            self.input_dtype = torch.float32
+        parts = build_engine(self.cfg, self.topo, self.model, self.steps_per_epoch)
+        self.engine, self.optimizer, self.scheduler = parts.engine, parts.optimizer, parts.scheduler
+        self.ds_config, self.zero_layout, self.input_dtype = parts.ds_config, parts.zero_layout, parts.input_dtype
 
     def resume(self) -> None:
         client = load_checkpoint(self.engine, self.run_dir, self.topo.rank,
