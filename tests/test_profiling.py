@@ -6,9 +6,6 @@ import csv
 import functools
 import gc
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
