@@ -1,4 +1,5 @@
-"""The benchmark commands run and print their tables (timings are not asserted)."""
+"""The benchmark commands run and print their tables; timings are not asserted, but each
+test checks one relation between the printed figures that must hold whatever the machine."""
 from __future__ import annotations
 
 import os
@@ -17,6 +18,16 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+def table_rows(stdout: str) -> list[list[str]]:
+    """The body rows of the rich tables in ``stdout``, as lists of stripped cells."""
+    return [[c.strip() for c in line.strip().strip("│").split("│")] for line in stdout.splitlines()
+            if line.startswith("│")]
+
+
+def number(cell: str) -> float:
+    return float(cell.replace(",", "").rstrip("%"))
+
+
 def test_parse_sizes_reads_n_by_q_pairs():
     assert parse_sizes("1024x8192,16X32") == [(1024, 8192), (16, 32)]
     with pytest.raises(ValueError, match="NxQ"):
@@ -25,10 +36,17 @@ def test_parse_sizes_reads_n_by_q_pairs():
 
 @pytest.mark.slow
 def test_bench_loss_prints_both_tables():
-    proc = run_cli("bench", "loss", "--sizes", "32x64", "--repeats", "1", "--dist-n", "4", "--dist-q", "64",
-                   "--worlds", "1,2")
+    proc = run_cli("bench", "loss", "--sizes", "32x64", "--repeats", "1", "--dist-n", "4", "--dist-q", "16384",
+                   "--worlds", "1,2,4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "kernel_mean L=3" in proc.stdout and "VICReg / SFRIK" in proc.stdout and "x shard" in proc.stdout
+    # The kernel mean does the floor's two products and more (measured: about 15x its time).
+    single = {row[2]: row for row in table_rows(proc.stdout) if row[:2] == ["32", "64"]}
+    floor, kernel = single["floor (ZZ^T, Phi'Z)"], single["kernel_mean L=3"]
+    assert number(floor[3]) <= number(kernel[3]) and number(floor[5]) <= number(kernel[5])
+    # The ring's per-rank memory does not grow from 2 ranks to 4 (exact byte accounting).
+    ring = {row[0]: row for row in table_rows(proc.stdout) if len(row) == 8}
+    assert ring["2"][5] == ring["4"][5] and ring["2"][6] == ring["4"][6], ring
 
 
 @pytest.mark.slow
@@ -37,3 +55,13 @@ def test_bench_step_prints_overhead_table():
                    "data.synthetic_size=64", "train.global_batch_size=16", "model.projector=32-64", "data.num_workers=0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "DeepSpeed trainer" in proc.stdout and "bare PyTorch loop" in proc.stdout
+    # Both loops are timed on the same steps of 16 images: each row's images/s is its steps/s x 16
+    # and its ms/step 1000 / steps/s, and the overhead is the trainer's time over the bare loop's.
+    rows = {row[0]: row for row in table_rows(proc.stdout) if row[0] in ("bare PyTorch loop", "DeepSpeed trainer")}
+    for name, (_, steps_s, images_s, ms_step, _overhead) in rows.items():
+        assert number(images_s) == pytest.approx(16 * number(steps_s), abs=16 * 0.005 + 0.5), name
+        assert number(ms_step) == pytest.approx(1000 / number(steps_s), rel=0.01, abs=0.05), name
+    bare, trainer = (number(rows[k][3]) for k in ("bare PyTorch loop", "DeepSpeed trainer"))
+    assert number(rows["bare PyTorch loop"][4]) == 0.0
+    rounding = 0.5 + 100 * 0.1 / bare  # ms/step is printed to 0.1 ms
+    assert number(rows["DeepSpeed trainer"][4]) == pytest.approx(100 * (trainer / bare - 1), abs=rounding)

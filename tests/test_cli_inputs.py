@@ -12,8 +12,16 @@ from hypothesis import strategies as st
 from sfrik_scale import cli, config
 from sfrik_scale import pretrain as entry
 
-CLI_EXAMPLES = 400       # reported in the README
+from .test_config import BAD_OVERRIDES
+
+# Reported in the README: generated inputs that are invalid by construction, each asserted
+# to end in one stderr line and exit status 2.
+INVALID_OVERRIDE_LISTS = 400
+INVALID_CONFIG_NAMES = 60
+ANY_OVERRIDE_LISTS = 200  # any input, valid or not: success or one line (not counted as invalid)
 KEYS = [key for key, *_ in config.describe_fields()]
+TYPES = {key: type_name for key, type_name, *_ in config.describe_fields()}
+SECTIONS = sorted({key.split(".")[0] for key in KEYS})
 VALUES = st.one_of(
     st.integers(-10**12, 10**12).map(str), st.floats(allow_nan=True, allow_infinity=True).map(str),
     st.sampled_from(["", "null", "true", "[1,-40]", "[]", "{a: 1}", "8192-x", "0", "-1", "1e400", "nan",
@@ -25,6 +33,60 @@ OVERRIDE = st.one_of(
     st.builds(lambda k, v: f"{k}={v}", st.text(min_size=1, max_size=15).filter(lambda s: "=" not in s), VALUES),
     st.text(max_size=20).filter(lambda s: "=" not in s and not s.startswith("-")),     # no '=' at all
 )
+
+
+# ---- inputs that are invalid whatever else is on the command line (the oracle is the
+# construction, not the code under test). "x" + letters is never a YAML keyword, number,
+# recipe, choice or field name.
+_WORD = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", max_size=8).map(lambda s: "x" + s)
+_NOT_A_NUMBER = st.one_of(_WORD, st.sampled_from(["[1]", "[]", "{a: 1}", "[1, 2]", "'3'"]))
+_BAD_BY_TYPE = {
+    "an integer": st.one_of(_NOT_A_NUMBER, st.sampled_from(["2.5", "true", "null", "-0.5"])),
+    "an integer or null": st.one_of(_NOT_A_NUMBER, st.sampled_from(["2.5", "true"])),
+    "a number": st.one_of(_NOT_A_NUMBER, st.sampled_from(["true", "null"])),
+    "a number or null": st.one_of(_NOT_A_NUMBER, st.just("true")),
+    "true or false": st.one_of(_WORD, st.sampled_from(["2", "0.5", "[]", "{a: 1}", "null"])),
+    "a list of numbers": st.one_of(_WORD, st.sampled_from(["[a]", "{a: 1}", "[[1]]", "[true]"])),
+    "a list of 2 numbers": st.one_of(_WORD, st.sampled_from(["[1]", "[1, 2, 3]", "[a, b]", "{a: 1}"])),
+}
+_TYPED_KEYS = sorted(k for k, t in TYPES.items() if t in _BAD_BY_TYPE or t.startswith("one of"))
+
+
+def _bad_value(key: str):
+    type_name = TYPES[key]
+    if type_name.startswith("one of"):  # a choice: a word that is none of them, or a number/list
+        return st.one_of(_WORD, st.sampled_from(["-1", "4", "[]", "{a: 1}"]))
+    return _BAD_BY_TYPE[type_name]
+
+
+INVALID_OVERRIDE = st.one_of(
+    # a value of the wrong type (or outside the choices) for a known key
+    st.sampled_from(_TYPED_KEYS).flatmap(lambda k: st.tuples(st.just(k), _bad_value(k))
+                                         .map(lambda kv: (kv[0], f"{kv[0]}={kv[1]}"))),
+    # an unknown field of a known section
+    st.tuples(st.sampled_from(SECTIONS), _WORD).map(lambda sw: (f"{sw[0]}.{sw[1]}", f"{sw[0]}.{sw[1]}=1")),
+    # an unknown section
+    st.tuples(_WORD, st.sampled_from([k.split(".")[1] for k in KEYS]), VALUES)
+    .map(lambda t: (f"{t[0]}.{t[1]}", f"{t[0]}.{t[1]}={t[2]}")),
+    # no "=" at all (not an option either)
+    st.text(max_size=20).filter(lambda s: "=" not in s and not s.startswith("-")).map(lambda s: (None, s)),
+)
+
+
+@st.composite
+def invalid_override_lists(draw):
+    """(the invalid override's key or None, the list): one invalid override among up to 3
+    arbitrary ones, none of which sets the same key (that could replace the bad value)."""
+    key, bad = draw(INVALID_OVERRIDE)
+    others = draw(st.lists(OVERRIDE.filter(lambda o: key is None or o.split("=", 1)[0].strip() != key),
+                           max_size=3))
+    at = draw(st.integers(0, len(others)))
+    return key, others[:at] + [bad] + others[at:]
+
+
+def _is_a_config_source(name: str) -> bool:
+    path = Path(name)
+    return name in config.list_recipes() or path.is_file() or (path / "config.yaml").is_file()
 
 
 class _NoTraining:
@@ -56,18 +118,36 @@ def _check_outcome(code: int, err: str, args: list[str]) -> None:
         assert len(lines) == 1 and lines[0].startswith("sfrik-scale pretrain: error:"), (args, err)
 
 
-@settings(max_examples=CLI_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def _check_one_line_exit_2(code: int, err: str, args: list[str]) -> str:
+    assert code == 2, (args, code, err)
+    _check_outcome(code, err, args)
+    return err
+
+
+@settings(max_examples=INVALID_OVERRIDE_LISTS, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(invalid_override_lists())
+def test_every_invalid_override_list_ends_in_one_line_and_exit_2(no_start, capsys, case):
+    key, overrides = case
+    err = _check_one_line_exit_2(entry.main(overrides), capsys.readouterr().err, overrides)
+    if key is not None and len(overrides) == 1:  # alone, the bad key is the one named
+        assert key in err, (overrides, err)
+
+
+@settings(max_examples=INVALID_CONFIG_NAMES, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(min_size=1, max_size=30).filter(lambda s: not s.startswith("-") and not _is_a_config_source(s)))
+def test_every_config_name_that_is_no_recipe_or_file_ends_in_one_line_and_exit_2(no_start, capsys, name):
+    err = _check_one_line_exit_2(entry.main(["--config", name]), capsys.readouterr().err, [name])
+    assert "--config" in err
+
+
+@settings(max_examples=ANY_OVERRIDE_LISTS, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(OVERRIDE, min_size=1, max_size=4))
 def test_any_override_list_ends_in_success_or_one_clear_line(no_start, capsys, overrides):
     code = entry.main(overrides)
     _check_outcome(code, capsys.readouterr().err, overrides)
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text(min_size=1, max_size=30).filter(lambda s: not s.startswith("-")))
-def test_any_config_name_ends_in_success_or_one_clear_line(no_start, capsys, name):
-    code = entry.main(["--config", name])
-    _check_outcome(code, capsys.readouterr().err, [name])
 
 
 @pytest.mark.parametrize("override, key", [
@@ -153,3 +233,11 @@ def test_deepspeed_does_not_warn_about_a_missing_accelerator_on_a_cpu_machine(tm
                           timeout=300)
     assert proc.returncode == 0 and "imported" in proc.stdout, proc.stderr
     assert "Setting accelerator to CPU" not in proc.stderr + proc.stdout
+
+
+def test_the_readme_reports_these_counts():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = " ".join(readme.split())
+    assert f"{INVALID_OVERRIDE_LISTS} generated override lists" in text
+    assert f"{INVALID_CONFIG_NAMES} generated `--config` names" in text
+    assert f"{len(BAD_OVERRIDES)} hand-written bad overrides" in text

@@ -147,7 +147,8 @@ def test_unset_loss_coefficients_take_the_loss_defaults(tmp_path):
     assert (loss.sim_coeff, loss.std_coeff, loss.cov_coeff) == (25.0, 25.0, 1.0)
 
 
-@pytest.mark.parametrize("override, key, fragment", [
+# (override, the key its ConfigError names, a fragment of the message); the README reports the count.
+BAD_OVERRIDES = [
     ("train.epoch=3", "train.epoch", "did you mean train.epochs"),
     ("trian.epochs=3", "trian.epochs", "did you mean train.epochs"),
     ("train.epochs=three", "train.epochs", "expected an integer"),
@@ -179,7 +180,10 @@ def test_unset_loss_coefficients_take_the_loss_defaults(tmp_path):
     ("deepspeed.config_file=zero9", "deepspeed.config_file", "did you mean"),
     ("train.epochs", "train.epochs", "section.field=value"),
     ("train.epochs.x=1", "train.epochs.x", "no sub-keys"),
-])
+]
+
+
+@pytest.mark.parametrize("override, key, fragment", BAD_OVERRIDES)
 def test_bad_override_raises_config_error_naming_the_key(override, key, fragment):
     with pytest.raises(ConfigError) as err:
         load_config("demo", [override])

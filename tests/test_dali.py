@@ -563,6 +563,11 @@ def test_bench_data_prints_both_pipelines(tmp_path):
                           env={**env, "COLUMNS": "160"}, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "torchvision" in proc.stdout and "dali" in proc.stdout and "CPU ms/img" in proc.stdout
+    # Both pipelines counted the same images: the 8 JPEGs once (1 timed epoch).
+    from .test_benchmarks import table_rows
+
+    rows = {row[0]: row for row in table_rows(proc.stdout) if row[0] in ("torchvision", "dali")}
+    assert rows["torchvision"][5] == rows["dali"][5] == "8", rows
 
 
 @pytest.mark.gpu

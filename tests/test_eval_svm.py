@@ -91,13 +91,26 @@ def test_voc_devkit_layout_is_read_per_class(tmp_path):
     assert ds.labels[0, 0] == 1 and ds.labels[1, 1] == 0 and ds.labels.sum() == 1 - 38
 
 
-def test_cost_sweep_picks_the_cost_with_the_best_cross_validated_ap():
+def _separable_split(rng, n: int):
+    """n images of one class: label +-1, first feature shifted by 2 x label, normalised."""
+    y = np.repeat([1, -1], n // 2)
+    return normalize_rows(rng.normal(size=(n, 5)) + np.outer(y, [2.0, 0, 0, 0, 0])), y
+
+
+def test_cost_sweep_picks_the_cost_with_the_best_cross_validated_ap_and_scores_held_out_data():
     rng = np.random.default_rng(0)
-    y = np.repeat([1, -1], 30)
-    x = normalize_rows(rng.normal(size=(60, 5)) + np.outer(y, [2.0, 0, 0, 0, 0]))
-    out = train_class_svm(x, y, x, y, costs=[1e-7, 1.0], folds=3)
-    assert out["cost"] == [1e-7, 1.0][int(np.argmax(out["cv_ap"]))]
-    assert out["test_ap"] > 0.95 and len(out["test_ap_per_cost"]) == 2
+    train_x, train_y = _separable_split(rng, 60)
+    test_x, test_y = _separable_split(rng, 200)  # held out: drawn after, never seen in training
+    out = train_class_svm(train_x, train_y, test_x, test_y, costs=[1e-7, 1.0], folds=3)
+    best = int(np.argmax(out["cv_ap"]))
+    assert out["cost"] == [1e-7, 1.0][best] and out["test_ap"] == out["test_ap_per_cost"][best]
+    # The Bayes-optimal score (the first feature) reaches the same held-out AP within 0.05:
+    # the SVM has learnt the direction, not the 60 training points.
+    bayes = average_precision(test_x[:, 0], test_y)
+    assert out["test_ap"] > 0.9 and out["test_ap"] > bayes - 0.05, (out["test_ap"], bayes)
+    # Labels shuffled on the held-out split: no better than chance (AP near the 0.5 positive rate).
+    shuffled = train_class_svm(train_x, train_y, test_x, rng.permutation(test_y), costs=[1.0], folds=3)
+    assert shuffled["test_ap"] < 0.7
 
 
 def test_cost_sweep_needs_positives_in_every_fold():

@@ -23,7 +23,11 @@ from . import _zero_worker as zw
 REPO = Path(__file__).resolve().parents[1]
 WORLD = 2
 LAUNCH_TIMEOUT_S = 240
-ZERO_TOLERANCE = 1e-5
+# Largest parameter difference from the float64 single-process reference after 6 steps.
+# Measured (CPU, gloo, torch 2.x): 1.8e-7 to 1.9e-7 for LARS at ZeRO 0-3 and with offload,
+# 4.6e-8 for LAMB, 1.1e-2 for per-shard LARS. The bound leaves fp32 round-off a 5x margin;
+# the README reports it.
+ZERO_TOLERANCE = 1e-6
 
 
 # ----------------------------------------------------------------------------------------

@@ -107,24 +107,49 @@ class _Engine:
 
 
 # ------------------------------------------------------------------------------ the paper's DDP + AMP
+@dataclass(frozen=True)
+class PaperAssumptions:
+    """What the simulation of the paper's runs assumes about its engine (the defaults), each
+    switchable to measure its weight (docs/memory.md, "What the paper path assumes").
+
+    Attributes:
+        gradient_as_bucket_view: DDP's ``gradient_as_bucket_view``; off (the default then and
+            now): every ``.grad`` is a separate tensor and DDP's buckets a second copy.
+        grad_set_to_none: ``optimizer.zero_grad(set_to_none=True)``; off (PyTorch < 2.0's
+            default): ``.grad`` is zeroed in place and kept between steps.
+        autocast_cache: autocast's cache of fp16 weight copies within one forward context
+            (on in ``torch.cuda.amp.autocast``); off: each use of a weight casts it again.
+    """
+
+    gradient_as_bucket_view: bool = False
+    grad_set_to_none: bool = False
+    autocast_cache: bool = True
+
+
 class DDPAmpEngine(_Engine):
     """PyTorch 1.10 DDP + autocast fp16 + GradScaler + VICReg's LARS, as in the paper's runs."""
 
-    def __init__(self, model: nn.Module, tracker: TensorByteTracker, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, tracker: TensorByteTracker, device: torch.device,
+                 assumptions: PaperAssumptions = PaperAssumptions()) -> None:
         super().__init__(model, tracker)
         self.device = device
+        self.assumptions = assumptions
         self.momentum: dict = {}
-        with tracker.category("gradients"):  # .grad survives zero_grad (set_to_none=False before 2.0)
-            for p in self.params:
-                p.grad = torch.zeros_like(p)
+        if not (assumptions.gradient_as_bucket_view or assumptions.grad_set_to_none):
+            with tracker.category("gradients"):  # .grad survives zero_grad (set_to_none=False before 2.0)
+                for p in self.params:
+                    p.grad = torch.zeros_like(p)
         with tracker.category("gradient_buffers"):  # DDP's flat buckets, reverse registration order
-            self.buckets = _ddp_buckets(self.params)
+            self.buckets, views = _ddp_buckets(self.params)
+        if assumptions.gradient_as_bucket_view:  # .grad are views of the buckets: no storage of their own
+            for p, view in views:
+                p.grad = view
         with tracker.category("optimizer_state"):  # one LARS momentum buffer per parameter
             for p in self.params:
                 self.momentum[p] = torch.zeros_like(p)
 
     def forward_context(self):
-        return fake_autocast(self.device, torch.float16)
+        return fake_autocast(self.device, torch.float16, cache=self.assumptions.autocast_cache)
 
     def backward(self, loss: torch.Tensor) -> None:
         # GradScaler: a scaled scalar; AccumulateGrad adds into the existing .grad in place and
@@ -135,26 +160,40 @@ class DDPAmpEngine(_Engine):
         with self.tracker.category("optimizer_step"):
             paper_lars_step(self.params, self.momentum)  # unscale_: in place, per-device flags only
         for p in self.params:  # optimizer.zero_grad(): in place before PyTorch 2.0
-            p.grad.zero_()
+            if self.assumptions.grad_set_to_none and not self.assumptions.gradient_as_bucket_view:
+                p.grad = None  # backward's AccumulateGrad creates it again
+            else:
+                p.grad.zero_()
 
 
-def _ddp_buckets(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    buckets, current, cap = [], [], DDP_FIRST_BUCKET_BYTES
+def _ddp_buckets(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """DDP's flat buckets, and (parameter, its view in its bucket) pairs."""
+    buckets, views, current, cap = [], [], [], DDP_FIRST_BUCKET_BYTES
+
+    def close(group: list[torch.Tensor]) -> None:
+        flat = torch.empty(sum(t.numel() for t in group), dtype=group[0].dtype, device=group[0].device)
+        offset = 0
+        for t in group:
+            views.append((t, flat[offset:offset + t.numel()].view_as(t)))
+            offset += t.numel()
+        buckets.append(flat)
+
     for p in reversed(params):
         current.append(p)
         if sum(t.numel() * t.element_size() for t in current) >= cap:
-            buckets.append(torch.empty(sum(t.numel() for t in current), dtype=p.dtype, device=p.device))
+            close(current)
             current, cap = [], DDP_BUCKET_BYTES
     if current:
-        buckets.append(torch.empty(sum(t.numel() for t in current), dtype=current[0].dtype, device=current[0].device))
-    return buckets
+        close(current)
+    return buckets, views
 
 
 @contextlib.contextmanager
-def fake_autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+def fake_autocast(device: torch.device, dtype: torch.dtype, cache: bool = True) -> Iterator[None]:
     """Autocast to ``dtype`` for ``device``'s type, state set directly (``torch.autocast``
     refuses some device/dtype pairs and disables itself for a CUDA device on a machine
-    without one), with the weight-cast cache on, as ``torch.cuda.amp.autocast()`` has it.
+    without one), with the weight-cast cache on, as ``torch.cuda.amp.autocast()`` has it
+    (``cache=False``: off, a what-if).
     The simulator uses it on the CPU, whose autocast casts convolutions and linear layers
     to fp16 as CUDA's does."""
     kind = torch.device(device).type
@@ -162,7 +201,7 @@ def fake_autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
     prev_cache = torch.is_autocast_cache_enabled()
     torch.set_autocast_enabled(kind, True)
     torch.set_autocast_dtype(kind, dtype)
-    torch.set_autocast_cache_enabled(True)
+    torch.set_autocast_cache_enabled(cache)
     torch.autocast_increment_nesting()
     try:
         yield

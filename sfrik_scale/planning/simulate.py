@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..profiling.accounting import TensorByteTracker
-from .engines import DDPAmpEngine, DeepSpeedBuckets, DeepSpeedEngine
+from .engines import DDPAmpEngine, DeepSpeedBuckets, DeepSpeedEngine, PaperAssumptions
 
 Implementation = Literal["paper", "trainer"]
 #: breakdown groups reported by ``MemoryEstimate.grouped`` (and ``sfrik-scale plan``)
@@ -86,6 +86,9 @@ class Scenario:
         batchnorm_fp32: the trainer runs BatchNorm in fp32 under bf16/fp16
             (``models.batchnorm_in_fp32``), which saves an fp32 copy of each BatchNorm input for
             backward; False simulates BatchNorm natively in low precision instead (a what-if).
+        paper_assumptions: for "paper", what its DDP/autocast engine is assumed to do
+            (:class:`~sfrik_scale.planning.engines.PaperAssumptions`; the defaults are the
+            official code's settings, the others what-ifs).
     """
 
     method: str = "sfrik"
@@ -103,6 +106,7 @@ class Scenario:
     buckets: DeepSpeedBuckets = field(default_factory=DeepSpeedBuckets)
     optimizer: str = "lars"
     batchnorm_fp32: bool = True
+    paper_assumptions: PaperAssumptions = field(default_factory=PaperAssumptions)
 
     def __post_init__(self) -> None:
         if self.implementation not in ("paper", "trainer"):
@@ -260,7 +264,7 @@ def simulate(scenario: Scenario, steps: Optional[int] = None) -> MemoryEstimate:
 
 def _build_engine(s: Scenario, model: nn.Module, tracker: TensorByteTracker, device: torch.device):
     if s.implementation == "paper":
-        return DDPAmpEngine(model, tracker, device)
+        return DDPAmpEngine(model, tracker, device, s.paper_assumptions)
     return DeepSpeedEngine(model, tracker, s.zero_stage, s.precision, s.world_size,
                            buckets=dataclasses.replace(s.buckets), optimizer=s.optimizer,
                            batchnorm_fp32=s.batchnorm_fp32, cuda=s.device == "cuda")
