@@ -24,7 +24,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import typing
@@ -35,9 +34,9 @@ from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from sfrik_scale.config_types import accepts_str, coerce, type_name
 from sfrik_scale.ds_config import check_extra, expand_ds_template
 from sfrik_scale.errors import ConfigError
-from sfrik_scale.errors import short as _short
 from sfrik_scale.errors import suggest as _suggest
 from sfrik_scale.losses import LOSS_SPECS, option_declarations
 
@@ -427,7 +426,7 @@ def _apply_override(raw: Dict[str, Any], item: str) -> str:
     if len(parts) > 2 and not (section == "deepspeed" and name == "extra"):
         raise ConfigError(key, f"{section}.{name} has no sub-keys")
     value = _parse_scalar(key, text)
-    if _accepts_str(hints[name]) and value is not None and not isinstance(value, str):
+    if accepts_str(hints[name]) and value is not None and not isinstance(value, str):
         value = text.strip()  # e.g. model.projector=2048-12-31 must not become a date
     if raw.get(section) is None:  # absent, or an empty "section:" line in the YAML
         raw[section] = {}
@@ -467,7 +466,7 @@ def _build_section(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in values.items():
         _known(name, hints, prefix + ".")
-        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}")
+        kwargs[name] = coerce(value, hints[name], f"{prefix}.{name}")
     return cls(**kwargs)
 
 
@@ -475,104 +474,6 @@ def _resolve_loss_defaults(cfg: Config) -> None:
     for name, value in LOSS_SPECS[cfg.loss.name].defaults().items():
         if getattr(cfg.loss, name) is None:
             setattr(cfg.loss, name, value)
-
-
-# --------------------------------------------------------------------------- types
-
-def _accepts_str(tp: Any) -> bool:
-    if tp is str:
-        return True
-    return typing.get_origin(tp) is Union and str in typing.get_args(tp)
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is Union:
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
-    if origin is tuple:
-        return "a list of numbers" if args[-1] is Ellipsis else f"a list of {len(args)} numbers"
-    if origin is dict:
-        return "a mapping"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """``value`` checked (and converted: int -> float, list -> tuple) against annotation ``tp``."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    wrong = ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}")
-    if tp is Any:
-        return value
-    if origin is Union:
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(value, inner, key)
-    if origin is Literal:
-        if isinstance(value, bool) or value not in args or type(value) not in {type(a) for a in args}:
-            names = [str(a) for a in args]
-            raise ConfigError(key, f"must be one of {', '.join(repr(a) for a in args)}, got {_short(value)}"
-                                   f"{_suggest(str(value), names)}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise wrong
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise wrong
-        return value
-    if tp is float:
-        if isinstance(value, str):  # PyYAML reads 1e-6 (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise wrong from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise wrong
-        try:
-            value = float(value)
-        except OverflowError:
-            raise ConfigError(key, f"{_short(value)} is out of range") from None
-        if not math.isfinite(value):
-            raise ConfigError(key, f"must be finite, got {value}")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(key, f"expected a string, got {type(value).__name__} {_short(value)} (quote it)")
-        return value
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise wrong
-        if args[-1] is not Ellipsis and len(value) != len(args):
-            raise ConfigError(key, f"expected {len(args)} values, got {len(value)}")
-        inner = args[0] if args[-1] is Ellipsis else None
-        return tuple(_coerce(v, inner or args[i], f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise wrong
-        try:
-            _check_json_like(value, key)
-            return json.loads(json.dumps(value))
-        except RecursionError:
-            raise ConfigError(key, "nested too deeply") from None
-    raise TypeError(f"unsupported annotation {tp!r} for {key}")  # a bug in this module, not user input
-
-
-def _check_json_like(value: Any, key: str) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise ConfigError(key, f"mapping keys must be strings, got {_short(k)}")
-            _check_json_like(v, f"{key}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            _check_json_like(v, f"{key}[{i}]")
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(key, f"must be finite, got {value}")
-    elif value is not None and not isinstance(value, (str, int, float, bool)):
-        raise ConfigError(key, f"{type(value).__name__} values are not allowed here (JSON types only)")
 
 
 # --------------------------------------------------------------------------- validation
@@ -696,5 +597,5 @@ def describe_fields() -> list[Tuple[str, str, Any, str]]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            rows.append((f"{section}.{f.name}", _type_name(hints[f.name]), _plain(default), f.metadata["help"]))
+            rows.append((f"{section}.{f.name}", type_name(hints[f.name]), _plain(default), f.metadata["help"]))
     return rows

@@ -3,7 +3,7 @@
 `build_engine` turns a run's configuration and model into a ready engine: the optimiser
 (`sfrik_scale.optim`, with the options its builder takes from ``cfg.optim``) and the
 per-iteration schedule, the DeepSpeed config (`sfrik_scale.ds_config`), ``deepspeed.initialize``,
-the ZeRO layout the layer-wise optimisers need (`sfrik_scale.optim.attach_zero_layout`) and
+the ZeRO layout the layer-wise optimisers need (`sfrik_scale.zero_layout.attach_zero_layout`) and
 the dtype the inputs are given in. Checkpoint calls on the engine live in
 `sfrik_scale.checkpoint`.
 """
@@ -25,7 +25,7 @@ class EngineParts:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     ds_config: dict          # what was given to deepspeed.initialize (saved as ds_config.json)
-    zero_layout: str         # optim.attach_zero_layout's answer (shown in the run header)
+    zero_layout: str         # zero_layout.attach_zero_layout's answer (shown in the run header)
     input_dtype: torch.dtype  # the dtype the engine takes its inputs in (bf16, fp16 or fp32)
 
 
@@ -33,7 +33,8 @@ def build_engine(cfg: Config, topo: Topology, model: torch.nn.Module, steps_per_
     """``deepspeed.initialize`` on ``model`` with the run's optimiser, schedule and DeepSpeed config."""
     import deepspeed
 
-    from .optim import attach_zero_layout, build_optimizer, build_scheduler, optimizer_options
+    from .optim import build_optimizer, build_scheduler, optimizer_options
+    from .zero_layout import attach_zero_layout
 
     if cfg.deepspeed.precision == "fp16" and topo.device.type != "cuda":
         raise ValueError("deepspeed.precision: fp16 (dynamic loss scaling) needs a CUDA device; "

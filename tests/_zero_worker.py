@@ -118,13 +118,13 @@ def ds_config(case: Case, world: int) -> dict:
 
 def run_case(case: Case, rank: int, world: int) -> Dict[str, object]:
     import deepspeed
-    from sfrik_scale import comm, optim
+    from sfrik_scale import comm, optim, zero_layout
 
     model = make_model()
     optimizer, scheduler = build(case, model)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config(case, world))
-    layout = optim.attach_zero_layout(optimizer, engine) if case.attach and case.optimizer != "naive_lars" else "none"
+    layout = zero_layout.attach_zero_layout(optimizer, engine) if case.attach and case.optimizer != "naive_lars" else "none"
     dtype = torch.bfloat16 if case.bf16 else torch.float32
     per_rank = GLOBAL_BATCH // world
     losses: List[float] = []

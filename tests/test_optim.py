@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from sfrik_scale import optim
+from sfrik_scale import optim, zero_layout
 from sfrik_scale.topology import free_port
 
 from . import _zero_worker as zw
@@ -149,9 +149,9 @@ def test_lars_refuses_flattened_params_without_a_zero_layout():
 def test_attach_zero_layout_without_flattening_keeps_one_layer_per_parameter():
     model = nn.Linear(3, 2)
     lars = optim.build_optimizer("lars", model, lr=0.1)
-    assert optim.attach_zero_layout(lars, SimpleNamespace(optimizer=lars)) == "per-parameter"  # fp32, no ZeRO
+    assert zero_layout.attach_zero_layout(lars, SimpleNamespace(optimizer=lars)) == "per-parameter"  # fp32, no ZeRO
     adamw = optim.build_optimizer("adamw", model, lr=0.1)
-    assert optim.attach_zero_layout(adamw, SimpleNamespace(optimizer=adamw)) == "elementwise"
+    assert zero_layout.attach_zero_layout(adamw, SimpleNamespace(optimizer=adamw)) == "elementwise"
 
 
 def test_attach_zero_layout_accepts_per_parameter_master_copies_and_refuses_unknown_flattening():
@@ -161,11 +161,11 @@ def test_attach_zero_layout_accepts_per_parameter_master_copies_and_refuses_unkn
     # DeepSpeed's bf16 stage-0 wrapper: one fp32 copy per parameter, same shapes.
     for group in lars.param_groups:
         group["params"] = [nn.Parameter(p.detach().clone()) for p in group["params"]]
-    assert optim.attach_zero_layout(lars, engine) == "per-parameter"
-    assert optim.attach_zero_layout(lars, engine) == "per-parameter"  # idempotent
+    assert zero_layout.attach_zero_layout(lars, engine) == "per-parameter"
+    assert zero_layout.attach_zero_layout(lars, engine) == "per-parameter"  # idempotent
     lars.param_groups[0]["params"] = [nn.Parameter(torch.zeros(6))]  # flattened, layout unknown
     with pytest.raises(RuntimeError, match="unsupported wrapper"):
-        optim.attach_zero_layout(lars, engine)
+        zero_layout.attach_zero_layout(lars, engine)
 
 
 def test_layer_segments_of_two_partitions_add_up_to_whole_layer_norms():
