@@ -38,7 +38,9 @@ from sfrik_scale.config_types import accepts_str, coerce, type_name
 from sfrik_scale.ds_config import check_extra, expand_ds_template
 from sfrik_scale.errors import ConfigError
 from sfrik_scale.errors import suggest as _suggest
+from sfrik_scale.data.datasets import DATASETS, reads_path
 from sfrik_scale.losses import LOSS_SPECS, option_declarations
+from sfrik_scale.optim import OPTIMIZERS
 
 CONFIG_FILENAME = "config.yaml"
 DEFAULT_RECIPE = "demo"
@@ -114,7 +116,7 @@ LossConfig = _make_loss_config()
 class DataConfig:
     """Dataset, two-view augmentations and loader."""
 
-    dataset: Literal["synthetic", "digits", "image_folder", "file_list"] = _f("synthetic", help=(
+    dataset: Literal[tuple(DATASETS)] = _f("synthetic", help=(  # type: ignore[valid-type]
         "A sfrik_scale.data.DATASETS name. synthetic: procedurally generated images with class structure, "
         "no download, deterministic by train.seed; digits: scikit-learn's bundled 8x8 handwritten digits "
         "(real images, fixed train/val split, no download); image_folder: a tree root/<class>/<image>; "
@@ -150,7 +152,7 @@ class DataConfig:
 class OptimConfig:
     """Optimiser and learning-rate schedule (``sfrik_scale.optim``), stepped per iteration."""
 
-    name: Literal["lars", "adamw", "lamb"] = _f("lars", help=(
+    name: Literal[tuple(OPTIMIZERS)] = _f("lars", help=(  # type: ignore[valid-type]
         "lars (biases and normalisation parameters excluded from weight decay and adaptation), adamw, lamb."))
     base_lr: float = _f(0.3, help="Learning rate per 256 images: peak lr = base_lr * train.global_batch_size / 256.")
     weight_decay: float = _f(1e-6, help="Weight decay (decoupled for adamw).")
@@ -494,9 +496,9 @@ def _check_values(cfg: Config) -> None:
         problem = own[0].problem(getattr(lo, name))
         _require(problem is None, f"loss.{name}", problem or "")
 
-    _require(d.dataset not in ("image_folder", "file_list") or bool(d.path), "data.path",
+    _require(not reads_path(d.dataset) or bool(d.path), "data.path",
              f"required for dataset {d.dataset!r}: pass data.path=/path/to/images")
-    _require(d.dataset in ("image_folder", "file_list") or not d.path, "data.path",
+    _require(reads_path(d.dataset) or not d.path, "data.path",
              f"{d.path!r} is given but data.dataset={d.dataset!r} reads no path (it would be ignored); "
              "for a folder root/<class>/<image> add data.dataset=image_folder, for a list file data.dataset=file_list")
     for name, low in (("num_classes", 1), ("image_size", 8), ("synthetic_size", 1), ("num_workers", 0),
@@ -526,7 +528,7 @@ def _check_values(cfg: Config) -> None:
     for name in ("knn_temperature", "head_lr"):
         value = getattr(e, name)
         _require(math.isfinite(value) and value > 0, f"online_eval.{name}", f"must be > 0, got {value}")
-    _require(not e.enabled or d.dataset not in ("image_folder", "file_list") or bool(e.val_path),
+    _require(not e.enabled or not reads_path(d.dataset) or bool(e.val_path),
              "online_eval.val_path", f"required with online_eval.enabled for dataset {d.dataset!r}")
     for name in ("peer_timeout_s", "collective_timeout_s"):
         value = getattr(t, name)

@@ -121,7 +121,8 @@ class Trainer:
 
         t = self.cfg.train
         data = build_pretrain_loader(self.cfg.data, rank=self.topo.rank, world_size=self.topo.world_size,
-                                     device=self.topo.device, micro_batch_size=self.micro_batch,
+                                     device=self.topo.device,
+                                     micro_batch_size=t.micro_batch_size_for(self.topo.world_size),
                                      global_batch_size=t.global_batch_size, seed=t.seed,
                                      announce=print if self.topo.is_main else None)
         self.dataset, self.loader, self.data_backend = data.dataset, data.loader, data.backend

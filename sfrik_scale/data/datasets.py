@@ -66,6 +66,14 @@ _PRETRAIN_OPTIONS: dict[str, Callable[[Any], dict]] = {
 }
 
 
+_READS_A_PATH = ("image_folder", "file_list")
+
+
+def reads_path(name: str) -> bool:
+    """Whether dataset ``name`` reads its images from ``data.path`` (a folder or a list file)."""
+    return name in _READS_A_PATH
+
+
 def pretrain_options(name: str, settings: Any) -> dict:
     """The keyword arguments of dataset ``name`` read from a run's data settings (an object with
     the ``data`` section's attributes); a dataset registered without an entry takes none."""
