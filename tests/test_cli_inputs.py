@@ -208,6 +208,16 @@ def test_plan_with_a_negative_memory_budget_names_the_flag(capsys):
     assert err == "sfrik-scale plan: error: --memory-gb must be a positive number of GB, got -5"
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--batch-sizes", "0"], "--batch-sizes must be >= 1, got 0"),
+    (["--q", "1", "8192"], "--q must be >= 2, got 1"),
+])
+def test_profile_memory_refuses_impossible_sizes_before_any_run(capsys, tmp_path, args, message):
+    assert cli.main(["profile-memory", "--simulate", "--out", str(tmp_path / "m"), *args]) == 2
+    assert capsys.readouterr().err.strip() == f"sfrik-scale profile-memory: error: {message}"
+    assert not (tmp_path / "m").exists()
+
+
 def test_show_config_lists_every_key_with_the_recipes_value(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     assert cli.main(["pretrain", "--show-config", "--config", "small_sfrik", "train.epochs=7"]) == 0

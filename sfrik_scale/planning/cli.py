@@ -134,6 +134,10 @@ def main_profile_memory(args: argparse.Namespace, extra: Sequence[str] = ()) -> 
     world = args.world_size or (8 if simulate else 1)
     if world < 1:
         raise ValueError(f"--world-size must be >= 1, got {world}")
+    for flag, values, least in (("--batch-sizes", axes["batch_sizes"], 1), ("--q", axes["q"], 2)):
+        low = [v for v in values if v < least]
+        if low:
+            raise ValueError(f"{flag} must be >= {least}, got {' '.join(map(str, low))}")
     bad = [b for b in axes["batch_sizes"] if b % world]
     if bad:
         raise ValueError(f"--batch-sizes are global: {bad} not divisible by --world-size {world}")
