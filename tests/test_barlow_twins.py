@@ -15,6 +15,7 @@ from sfrik_scale.gram import NonFiniteInputError
 from sfrik_scale.losses.barlow_twins import SPEC, BarlowTwinsLoss
 
 from ._dist import run_ranks
+from ._tensors import largest_tensor_numel
 from .test_losses import N_PER_RANK, Q, run_loss, views
 
 # lambd large enough that the off-diagonal term matters in the gradient at this small q
@@ -78,26 +79,11 @@ def test_official_defaults_and_detached_components():
 
 def test_never_holds_a_q_by_q_tensor():
     """Forward and backward at q = 64 with blocks of 8 columns: no tensor of q x q elements appears."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Shapes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel())
-            return out
-
     q, n = 64, 16
     z1, z2 = views(n, q, seed=9)
     z1.requires_grad_(True)
-    with Shapes() as rec:
-        BarlowTwinsLoss(chunk_size=8)(z1, z2)["loss"].backward()
-    assert rec.largest == 2 * n * q < q * q  # the stacked views; blocks are q x 8 = 512
+    largest = largest_tensor_numel(lambda: BarlowTwinsLoss(chunk_size=8)(z1, z2)["loss"].backward())
+    assert largest == 2 * n * q < q * q  # the stacked views; blocks are q x 8 = 512
 
 
 def test_bf16_inputs_give_a_finite_loss_close_to_float64():

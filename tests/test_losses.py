@@ -15,6 +15,7 @@ from sfrik_scale.losses import (LOSSES, AlignUniformLoss, SFRIKLoss, SimCLRLoss,
                                 loss_parameters)
 
 from ._dist import run_ranks
+from ._tensors import largest_tensor_numel
 
 Q, N_PER_RANK = 8, 5
 # Coefficients chosen so that every term matters in the gradient at this small q.
@@ -196,26 +197,11 @@ def test_vicreg_matches_official_formula_with_paper_coefficients_and_q_above_bat
 
 def test_vicreg_never_holds_a_q_by_q_tensor():
     """Forward and backward at q = 64 with blocks of 8 columns: no tensor of q x q elements appears."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Shapes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in (out if isinstance(out, (tuple, list)) else (out,)):
-                if isinstance(t, torch.Tensor):
-                    self.largest = max(self.largest, t.numel())
-            return out
-
     q, n = 64, 16
     z1, z2 = views(n, q, seed=9)
     z1.requires_grad_(True)
-    with Shapes() as rec:
-        VICRegLoss(chunk_size=8)(z1, z2)["loss"].backward()
-    assert rec.largest == 2 * n * q  # the stacked views; blocks are q x 8 = 512 < 2 n q = 2048 < q^2
+    largest = largest_tensor_numel(lambda: VICRegLoss(chunk_size=8)(z1, z2)["loss"].backward())
+    assert largest == 2 * n * q  # the stacked views; blocks are q x 8 = 512 < 2 n q = 2048 < q^2
 
 
 def test_vicreg_bad_chunk_size_is_refused():

@@ -51,6 +51,16 @@ def global_rows(z: torch.Tensor, group: comm.Group = None) -> int:
     return z.shape[0] * comm.rank_and_world(group)[1]
 
 
+def global_rows_for_statistics(z: torch.Tensor, group: comm.Group, why: str) -> int:
+    """N = n x world size, or a ValueError when it is below 2 (``why``: what needs two rows).
+    Call after `validate_views`: shapes then agree on all ranks, so every rank raises alike."""
+    total = global_rows(z, group)
+    if total < 2:
+        raise ValueError(f"{why} needs a global batch of at least 2 rows, got N={total} "
+                         f"(z1 of shape {tuple(z.shape)})")
+    return total
+
+
 def check_coeff(name: str, value: float, positive: bool = False) -> float:
     """A finite coefficient >= 0 (> 0 with ``positive``), else a ValueError naming it."""
     try:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import comm
-from ._common import check_chunk_size, check_coeff, check_q, compute_dtype, global_rows, validate_views
+from ._common import (check_chunk_size, check_coeff, check_q, compute_dtype, global_rows_for_statistics,
+                      validate_views)
 from .spec import CHUNK_SIZE_HELP, SIM_COEFF_HELP, LossSpec, Option
 
 
@@ -159,10 +160,7 @@ class VICRegLoss(nn.Module):
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
         validate_views(z1, z2, self.group, q=self.q)
-        total = global_rows(z1, self.group)
-        if total < 2:  # shapes agree on all ranks here, so every rank raises alike
-            raise ValueError(f"VICReg's unbiased variance needs a global batch of at least 2 rows, "
-                             f"got N={total} (z1 of shape {tuple(z1.shape)})")
+        total = global_rows_for_statistics(z1, self.group, "VICReg's unbiased variance")
         dtype = compute_dtype(z1)
         x, y = z1.to(dtype), z2.to(dtype)
         q = x.shape[1]
