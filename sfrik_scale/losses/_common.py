@@ -3,7 +3,7 @@ coefficient checks. Kept tiny so that each loss module reads on its own."""
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -87,3 +87,28 @@ def check_q(q: Optional[int]) -> Optional[int]:
     if isinstance(q, bool) or not isinstance(q, int) or q < 2:
         raise ValueError(f"q (the embedding dimension) must be an integer >= 2 or None, got q={q!r}")
     return q
+
+
+def reduced_column_blocks(a: torch.Tensor, b: torch.Tensor, block: int, group: comm.Group,
+                          finish: Callable[[torch.Tensor, int, int], None]) -> None:
+    """For each block of ``block`` columns [start, stop) of ``b``: the (q, stop - start) product
+    ``a^T b[:, start:stop]`` summed over the ranks of ``group``, handed to ``finish(c, start, stop)``.
+    Block k's all-reduce runs while block k + 1's product is computed: two blocks are live at
+    once, never the whole q x q matrix (VICReg's covariance, Barlow Twins' cross-correlation)."""
+    pending = None
+    for start in range(0, b.shape[1], block):
+        stop = min(start + block, b.shape[1])
+        c = a.T @ b[:, start:stop]
+        work = comm.all_reduce_async_(c, group)
+        if pending is not None:
+            _finish_block(*pending, finish)
+        pending = (work, c, start, stop)
+    if pending is not None:
+        _finish_block(*pending, finish)
+
+
+def _finish_block(work, c: torch.Tensor, start: int, stop: int, finish: Callable) -> None:
+    if work is not None:  # the block's all-reduce
+        work.wait()
+    finish(c, start, stop)
+

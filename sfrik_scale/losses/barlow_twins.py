@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import comm
 from ._common import (check_chunk_size, check_coeff, check_q, compute_dtype, global_rows_for_statistics,
-                      validate_views)
+                      reduced_column_blocks, validate_views)
 from .spec import CHUNK_SIZE_HELP, LossSpec, Option
 from .vicreg import covariance_block_size
 
@@ -44,7 +44,6 @@ class _CrossCorrelation(torch.autograd.Function):
     def forward(ctx, x, y, total: int, lambd: float, scale: float, block: int,  # type: ignore[override]
                 group: comm.Group):
         x, y = x.detach(), y.detach()
-        q = x.shape[1]
         world = comm.rank_and_world(group)[1]
         need_grad = any(ctx.needs_input_grad[:2])
         gx = torch.zeros_like(x) if need_grad else None
@@ -52,10 +51,8 @@ class _CrossCorrelation(torch.autograd.Function):
         on = x.new_zeros((), dtype=torch.float64)
         off = x.new_zeros((), dtype=torch.float64)
 
-        def finish(work, c: torch.Tensor, start: int, stop: int) -> None:
+        def finish(c: torch.Tensor, start: int, stop: int) -> None:
             nonlocal on, off
-            if work is not None:  # the block's all-reduce
-                work.wait()
             c.div_(total)  # C[:, start:stop]
             diag = c[start:stop].diagonal()  # C_jj of this block's columns (a view)
             one_minus = 1 - diag
@@ -68,16 +65,7 @@ class _CrossCorrelation(torch.autograd.Function):
                 gy[:, start:stop] = x @ c  # (x G)[:, block]
                 gx.addmm_(y[:, start:stop], c.T)  # y G^T, summed over blocks
 
-        # Block k's all-reduce runs while block k + 1's product is computed (two blocks live).
-        pending = None
-        for start in range(0, q, block):
-            stop = min(start + block, q)
-            c = x.T @ y[:, start:stop]  # (q, b): columns start..stop of this rank's x^T y
-            work = comm.all_reduce_async_(c, group)
-            if pending is not None:
-                finish(*pending)
-            pending = (work, c, start, stop)
-        finish(*pending)
+        reduced_column_blocks(x, y, block, group, finish)  # two blocks live, never q x q
         if gx is not None:
             factor = scale * world / total
             ctx.save_for_backward(gx.mul_(factor), gy.mul_(factor))

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import comm
 from ._common import (check_chunk_size, check_coeff, check_q, compute_dtype, global_rows_for_statistics,
-                      validate_views)
+                      reduced_column_blocks, validate_views)
 from .spec import CHUNK_SIZE_HELP, SIM_COEFF_HELP, LossSpec, Option
 
 
@@ -49,31 +49,19 @@ class _OffDiagonalCovariance(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xc: torch.Tensor, total: int, block: int, group: comm.Group):  # type: ignore[override]
         xc = xc.detach()
-        q = xc.shape[1]
         world = comm.rank_and_world(group)[1]
         grad = torch.empty_like(xc) if ctx.needs_input_grad[0] else None
         value = xc.new_zeros((), dtype=torch.float64)
 
-        def finish(work, c: torch.Tensor, start: int, stop: int) -> None:
+        def finish(c: torch.Tensor, start: int, stop: int) -> None:
             nonlocal value
-            if work is not None:  # the block's all-reduce
-                work.wait()
             c.div_(total - 1)
             c[start:stop].diagonal().zero_()  # C_kk of this block's columns
             value += c.square().sum(dtype=torch.float64)
             if grad is not None:
                 grad[:, start:stop] = xc @ c  # (X_c C_off)[:, block] = X_c C_off[:, block]
 
-        # Block k's all-reduce runs while block k + 1's product is computed (two blocks live).
-        pending = None
-        for start in range(0, q, block):
-            stop = min(start + block, q)
-            c = xc.T @ xc[:, start:stop]  # (q, b): columns start..stop of this rank's X_c^T X_c
-            work = comm.all_reduce_async_(c, group)
-            if pending is not None:
-                finish(*pending)
-            pending = (work, c, start, stop)
-        finish(*pending)
+        reduced_column_blocks(xc, xc, block, group, finish)  # two blocks live, never q x q
         if grad is not None:
             grad.mul_(4.0 * world / (total - 1))
             ctx.save_for_backward(grad)
