@@ -195,3 +195,53 @@ def test_the_steps_part_trains_the_real_trainer_in_bf16(tmp_path):
     result = steps_part(False, str(tmp_path), 300, configs=[config])
     assert [c["ok"] for c in result["checks"]] == [True, True], result["checks"]
     assert len(result["tables"][0]["rows"]) == 3
+
+
+# ------------------------------------------------------------------------------ the carry and the device command
+@pytest.mark.slow
+def test_prepare_gpu_carry_builds_deepspeed_and_its_missing_packages_well_under_64_mib(tmp_path):
+    """Needs pip to reach its registry or cache (about 10 s)."""
+    carry = tmp_path / "carry"
+    proc = subprocess.run([str(ROOT / "scripts" / "prepare-gpu-carry"), str(carry)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    wheels = sorted(p.name for p in carry.glob("*.whl"))
+    from importlib.metadata import version
+
+    assert f"deepspeed-{version('deepspeed')}-py3-none-any.whl" in wheels
+    for name in ("hjson", "pydantic-", "annotated_types", "typing_inspection"):
+        assert any(w.startswith(name) for w in wheels), (name, wheels)
+    core = [w for w in wheels if w.startswith("pydantic_core")]
+    assert len(core) == 1 and "cp312" in core[0] and "x86_64" in core[0]  # the device's Python and processor
+    total = sum(p.stat().st_size for p in carry.iterdir())
+    assert total < 16 * 2**20  # the whole working tree that travels may hold 64 MiB
+
+
+def test_gpu_acceptance_installs_offline_then_runs_the_selftest_into_OUT(tmp_path):
+    """With pip replaced by a recorder: the install commands it issues, then the real selftest
+    (on CPU: every part skipped, exit 0) writing into $OUT."""
+    log = tmp_path / "pip.log"
+    shim = tmp_path / "python"
+    shim.write_text(f"""#!/usr/bin/env bash
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then echo "pip ${{@:3}}" >> {log}; exit 0; fi
+exec {sys.executable} "$@"
+""")
+    shim.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(shim), "OUT": str(out), "GPU_CARRY": str(tmp_path / "carry"),
+           "CUDA_VISIBLE_DEVICES": "" if not torch.cuda.is_available() else os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    (tmp_path / "carry").mkdir()
+    (tmp_path / "carry" / "deepspeed-0-py3-none-any.whl").write_text("")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU this would run the real checks")
+    proc = subprocess.run([str(ROOT / "scripts" / "gpu-acceptance"), "--quick"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    calls = log.read_text().splitlines()
+    assert any("install" in c and "--no-index" in c and f"--find-links {tmp_path / 'carry'}" in c and "deepspeed" in c
+               for c in calls), calls
+    assert any("install" in c and "--no-deps" in c and "-e ." in c for c in calls), calls
+    assert any(c.startswith("pip show deepspeed") for c in calls), calls
+    report = json.loads((out / "selftest.json").read_text())
+    assert report["mode"] == "quick" and all(p["status"] == "skipped" for p in report["parts"])
+    assert (out / "selftest.md").is_file()
