@@ -47,6 +47,15 @@ class _PaperLARS(torch.optim.Optimizer):
         paper_lars_step([p for g in self.param_groups for p in g["params"]], self.momentum)
 
 
+class _TwoViewLoss(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, loss_fn) -> None:
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, y1: torch.Tensor, y2: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(self.model(y1), self.model(y2))
+
+
 def _ensure_process_group(device: torch.device) -> None:
     import torch.distributed as dist
 
@@ -84,8 +93,9 @@ def paper_step(method: str, per_gpu_batch: int, q: int = 32768, hidden: str = "8
         model = build_model(backbone, f"{hidden}-{q}")
     if sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    ddp = DDP(model, device_ids=[dev.index or 0] if cuda else None, gradient_as_bucket_view=gradient_as_bucket_view)
-    loss_fn = PAPER_LOSSES[method](q, 1)
+    # as the official code: one DDP forward computes both views and the loss
+    ddp = DDP(_TwoViewLoss(model, PAPER_LOSSES[method](q, 1)), device_ids=[dev.index or 0] if cuda else None,
+              gradient_as_bucket_view=gradient_as_bucket_view)
     optimizer = _PaperLARS(model.parameters())
     # a low initial scale: the overflow-skipped steps of a scale still settling create no LARS
     # momentum and no step temporaries, so they are not the steady state being measured
@@ -99,7 +109,7 @@ def paper_step(method: str, per_gpu_batch: int, q: int = 32768, hidden: str = "8
             torch.cuda.reset_peak_memory_stats(dev)
         y1, y2 = torch.randn(shape, device=dev), torch.randn(shape, device=dev)  # the loader's batch, copied in
         with torch.autocast(dev.type, dtype=torch.float16, cache_enabled=autocast_cache):
-            loss = loss_fn(ddp(y1), ddp(y2))
+            loss = ddp(y1, y2)
         optimizer.zero_grad(set_to_none=grad_set_to_none)
         scale = scaler.get_scale()
         scaler.scale(loss).backward()
