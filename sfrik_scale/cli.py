@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from sfrik_scale import benchmarks, export, pretrain
+from sfrik_scale import benchmarks, export, pretrain, selftest
 from sfrik_scale.errors import run_command
 from sfrik_scale.eval import cli as eval_cli
 from sfrik_scale.planning import cli as planning_cli
@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     benchmarks,     # bench loss|...
     eval_cli,       # linear-eval, knn-eval, finetune, supervised, svm-eval, report
     planning_cli,   # profile-memory, plan
+    selftest,       # selftest --gpu
 )
 
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]

@@ -105,9 +105,12 @@ def _under(module: str, prefixes: tuple[str, ...]) -> bool:
 LAYER_RULES = [
     # the building blocks never read the run configuration nor know who drives them
     (("kernels", "comm", "gram", "losses", "models", "optim", "data", "learning_health", "health", "topology"),
-     ("config", "ds_config", "train", "pretrain", "eval", "planning", "cli", "benchmarks")),
+     ("config", "ds_config", "train", "pretrain", "eval", "planning", "cli", "benchmarks", "selftest")),
     # the trainer is driven from above: evaluation plugs in through hooks, planning sits beside it
-    (("train",), ("eval", "planning", "cli", "pretrain", "benchmarks")),
+    (("train",), ("eval", "planning", "cli", "pretrain", "benchmarks", "selftest")),
+    # the self-test drives everything and nothing drives it but the command line
+    (("kernels", "comm", "gram", "losses", "models", "optim", "data", "config", "ds_config", "train", "eval",
+      "profiling", "planning", "checkpoint", "export", "pretrain", "benchmarks"), ("selftest",)),
     # runtime profiling sits below the trainer; simulation and planning beside the command line
     (("profiling",), ("planning", "train", "pretrain", "cli", "eval")),
     # storage, checkpoints, the monitor and the leaf modules know no model or config
@@ -115,7 +118,7 @@ LAYER_RULES = [
      ("config", "models", "train", "eval", "planning", "cli", "pretrain")),
     # nothing below the command line imports it
     (("kernels", "comm", "gram", "losses", "models", "optim", "data", "config", "ds_config", "train", "eval",
-      "profiling", "planning", "checkpoint", "export", "pretrain", "benchmarks"), ("cli",)),
+      "profiling", "planning", "checkpoint", "export", "pretrain", "benchmarks", "selftest"), ("cli",)),
 ]
 
 

@@ -34,12 +34,14 @@ class _GatherRows(torch.autograd.Function):
     """Differentiable all-gather as the official ``FullGatherLayer``: forward returns one
     freshly allocated (n, q) tensor per rank; backward stacks the incoming gradients,
     all-reduces them (in place) and returns this rank's slice. No process group is needed:
-    values are irrelevant to the simulator, allocations are what it measures."""
+    values are irrelevant to the simulator, allocations are what it measures. Each rank's
+    tensor is a copy of this rank's rows, which is the exact gather at world size 1, so the
+    same step also runs for real on one GPU (``sfrik-scale selftest --gpu``)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, world: int):  # type: ignore[override]
         ctx.world = world
-        return tuple(torch.empty_like(x) for _ in range(world))
+        return tuple(x.clone() for _ in range(world))
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
