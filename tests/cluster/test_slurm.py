@@ -116,3 +116,29 @@ def test_a_task_count_not_dividing_the_global_batch_fails_before_training(cluste
                       "size 3 (train.micro_batch_size is null: one micro-batch of global / world_size images "
                       "per rank)"], log
     assert not (tmp_path / "runs").exists()  # no task started
+
+
+def test_a_job_cancelled_outright_keeps_its_checkpoint_and_a_resubmission_resumes(cluster, reference, tmp_path):
+    start = time.time()
+    run = tmp_path / "run"
+    args = [*CONFIG, f"train.run_dir={run}", "train.checkpoint_every_steps=10"]
+    job_id = submit(tmp_path, "--nodes=2", "--ntasks-per-node=1", args=args)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "latest_complete").exists():
+        time.sleep(0.1)
+    subprocess.run(["scancel", str(job_id)], env=harness.env(), timeout=30, check=True)  # SIGTERM, then SIGKILL
+    info = wait_done(job_id)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info  # not requeued by the script
+    assert "not requeueing" in log_of(tmp_path, job_id)
+    from sfrik_scale import checkpoint as ckpt
+
+    tag = ckpt.latest_complete(run)
+    assert tag is not None and 10 <= ckpt.step_of(tag) < STEPS
+    again = submit(tmp_path, "--nodes=2", "--ntasks-per-node=1", args=args)  # the same command, resubmitted
+    info = wait_done(again)
+    log = log_of(tmp_path, again)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "resumed    from step" in log
+    s = summary(run)
+    assert s["final_step"] == STEPS and s["loss_history"] == reference
+    print(f"sbatch cancelled at checkpoint {tag}, resubmitted, resumed: {time.time() - start:.1f} s")
