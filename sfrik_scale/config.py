@@ -552,6 +552,9 @@ def _check_world_size(cfg: Config, world_size: int) -> None:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ConfigError("world_size", f"must be a positive integer, got {world_size!r}")
     t = cfg.train
+    if world_size > t.global_batch_size:
+        raise ConfigError("train.global_batch_size", f"{t.global_batch_size} is smaller than the world size "
+                                                     f"{world_size}: every rank needs at least one image a step")
     micro = t.micro_batch_size_for(world_size)
     per_step = micro * world_size
     if t.micro_batch_size is None and t.global_batch_size % world_size:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import comm
+from .topology import node_identity
 
 HEALTH_DIR = ".ranks"
 #: a rank's record is rewritten when its step changes, at most this often (besides the heartbeats)
@@ -57,8 +58,10 @@ class RankHealth:
                 if old.is_dir() and old != self.dir:
                     shutil.rmtree(old, ignore_errors=True)
         self._lock = threading.Lock()
-        self.record = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "step": 0,
-                       "status": "running", "time": time.time(), "error": None}
+        node, node_rank = node_identity()
+        self.record = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "node": node,
+                       "node_rank": node_rank, "local_rank": int(os.environ.get("LOCAL_RANK", "0") or 0),
+                       "step": 0, "status": "running", "time": time.time(), "error": None}
         self._write()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="sfrik-rank-health", daemon=True)
@@ -114,7 +117,7 @@ class RankHealth:
                 if now - self._started > self.peer_timeout_s:
                     out.append((r, f"no heartbeat since this rank started {now - self._started:.0f} s ago"))
                 continue
-            where = f"pid {rec.get('pid')} on {rec.get('host')}"
+            where = f"pid {rec.get('pid')} on {rec.get('node') or rec.get('host')} (node rank {rec.get('node_rank', 0)})"
             if rec.get("status") == "failed":  # recorded as it raised: the step is exact
                 out.append((r, f"raised: {rec.get('error')} ({where}, at step {rec.get('step')})"))
                 continue

@@ -33,6 +33,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 loss.coeffs=[1,40,40]")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--list-recipes", action="store_true", help="list the built-in recipes and exit")
+    parser.add_argument("--check-world-size", type=int, default=None, metavar="N",
+                        help="validate the configuration for N processes (the batch arithmetic included) and "
+                             "exit: 0, or 2 with one line; the launchers run it once before starting any rank")
     parser.add_argument("--show-config", action="store_true",
                         help="print every config key with its type, its value (the recipe's and overrides', else "
                              "the default) and its help, then exit")
@@ -52,6 +55,9 @@ def main_pretrain(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     unknown = [e for e in extra if e not in overrides]
     if unknown:
         raise ValueError(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.check_world_size is not None:  # the launchers' check, before any rank starts
+        load_config(args.config, overrides).validate(args.check_world_size)
+        return 0
     from .topology import resolve_launch_env
 
     resolve_launch_env(os.environ, args.local_rank)

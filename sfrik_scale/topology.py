@@ -41,6 +41,18 @@ def first_host(nodelist: str) -> str:
     return f"{prefix}{first}{suffix}"
 
 
+def node_identity(env: Mapping[str, str] = os.environ) -> tuple[str, int]:
+    """(node name, node rank) of this process: SLURM's SLURMD_NODENAME / SLURM_NODEID, the deepspeed
+    launcher's CROSS_RANK (the host's position in the hostfile), torchrun's GROUP_RANK; else the
+    host name and 0. Named in the rank health records and in a failed peer's message."""
+    name = env.get("SLURMD_NODENAME") or socket.gethostname()
+    for key in ("SLURM_NODEID", "CROSS_RANK", "GROUP_RANK"):
+        value = env.get(key, "")
+        if value.isdigit():
+            return name, int(value)
+    return name, 0
+
+
 def quiet_cpu_accelerator(env: MutableMapping[str, str] = os.environ) -> None:
     """Without a visible CUDA device, tell DeepSpeed to use the CPU (``DS_ACCELERATOR=cpu``)
     before it is imported, so that it does not warn on every command (and every rank) that it

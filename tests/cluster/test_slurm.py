@@ -1,0 +1,144 @@
+"""launchers/slurm.sbatch for real, on the harness's two SLURM nodes: the demo-sized run to
+completion with 2 tasks on one node and on two nodes, the SLURM variable mapping, preemption
+(scancel --batch --signal=USR1 -> checkpoint -> exit 75 -> requeue -> resume) and a task
+count that does not divide the global batch."""
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from . import harness
+from ._common import CONFIG, LAUNCHERS, STEPS, env, probed, rank_records, summary
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.distributed]
+SBATCH = str(LAUNCHERS / "slurm.sbatch")
+#: the #SBATCH lines ask for 8 GPUs and 10 CPUs a task; the fake nodes have 2 CPUs and no GPU
+FIT = ["--gpus-per-node=0", "--cpus-per-task=1"]
+DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def submit(cwd: Path, *options: str, args=CONFIG, probe: Path | None = None) -> int:
+    e = env(probe)
+    e["SLURM_CONF"] = harness.env()["SLURM_CONF"]
+    if probe is not None:
+        e["SFRIK_ENV_PROBE"] = str(probe / "records")
+    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={cwd}", *FIT, *options, SBATCH, *args],
+                          cwd=cwd, env=e, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.strip().split(";")[0])
+
+
+def job(job_id: int) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], env=harness.env(), capture_output=True,
+                         text=True, timeout=30).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def wait_done(job_id: int, timeout: float = 240, restarts: int = 0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job(job_id)
+        if info.get("JobState") in DONE and int(info.get("Restarts", 0)) >= restarts:
+            return info
+        time.sleep(0.5)
+    subprocess.run(["scancel", str(job_id)], env=harness.env(), timeout=30)
+    raise AssertionError(f"job {job_id} not done within {timeout} s: {job(job_id)}")
+
+
+def log_of(cwd: Path, job_id: int) -> str:
+    return (cwd / f"slurm-sfrik-{job_id}.out").read_text()  # where the #SBATCH --output line puts it
+
+
+def check_mapping(run: Path, probe: Path, nodes: list[str]) -> None:
+    """Each rank's place as the trainer mapped it (its health record) against what srun gave its
+    process (the environment probe, matched by PID)."""
+    records = rank_records(run)
+    envs = {r["pid"]: r["env"] for r in probed(probe)}
+    assert sorted(records) == list(range(len(nodes)))
+    for rank, rec in records.items():
+        e = envs[rec["pid"]]
+        assert (e["SLURM_PROCID"], e["SLURM_NTASKS"], e["SLURM_LOCALID"]) == \
+            (str(rank), str(len(nodes)), str(rec["local_rank"]))
+        assert rec["node"] == e["SLURMD_NODENAME"] == nodes[rank]
+        assert rec["node_rank"] == int(e["SLURM_NODEID"])
+        assert e["SLURM_JOB_NODELIST"] == ("node1" if set(nodes) == {"node1"} else "node[1-2]")
+        assert "RANK" not in e and "MASTER_ADDR" in e  # the batch script exports MASTER_ADDR; ranks are mapped
+
+
+def test_two_tasks_on_one_node_run_to_completion(cluster, reference, tmp_path):
+    start = time.time()
+    job_id = submit(tmp_path, "--nodes=1", "--ntasks-per-node=2", probe=tmp_path / "probe")
+    info = wait_done(job_id)
+    log = log_of(tmp_path, job_id)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    run = tmp_path / "runs" / f"sfrik-{job_id}"  # the default run directory, under the submission directory
+    assert summary(run)["loss_history"] == reference
+    assert f"job {job_id} restart 0: 1 nodes, 2 tasks, rendezvous node1:" in log
+    check_mapping(run, tmp_path / "probe", ["node1", "node1"])
+    print(f"sbatch 1 node x 2 tasks, {STEPS} steps: {time.time() - start:.1f} s")
+
+
+def test_two_nodes_preempted_by_usr1_requeue_and_resume_the_same_trajectory(cluster, reference, tmp_path):
+    start = time.time()
+    job_id = submit(tmp_path, "--nodes=2", "--ntasks-per-node=1", probe=tmp_path / "probe")
+    run = tmp_path / "runs" / f"sfrik-{job_id}"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((run / "tensorboard").glob("events*")):
+        time.sleep(0.2)
+    # the batch shell alone gets the signal: it must forward it to the tasks through srun
+    proc = subprocess.run(["scancel", "--batch", "--signal=USR1", str(job_id)], env=harness.env(),
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    info = wait_done(job_id, restarts=1)
+    log = log_of(tmp_path, job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+    assert "batch script got SIGUSR1" in log and f"requeueing job {job_id}" in log
+    assert f"job {job_id} restart 0: 2 nodes, 2 tasks" in log and f"job {job_id} restart 1: 2 nodes, 2 tasks" in log
+    preempted_at = int(log.split("preempted: checkpoint at step ")[1].split(";")[0].split()[0].strip("[]/"))
+    assert 0 < preempted_at < STEPS
+    s = summary(run)
+    assert s["final_step"] == STEPS
+    assert s["loss_history"] == reference  # preempted, requeued, resumed: the uninterrupted losses, bit for bit
+    check_mapping(run, tmp_path / "probe", ["node1", "node2"])
+    print(f"sbatch 2 nodes, preempted at step {preempted_at}, requeued, resumed: {time.time() - start:.1f} s")
+
+
+def test_a_task_count_not_dividing_the_global_batch_fails_before_training(cluster, tmp_path):
+    job_id = submit(tmp_path, "--nodes=2", "--ntasks=3", "--ntasks-per-node=2")
+    info = wait_done(job_id, timeout=120)
+    log = log_of(tmp_path, job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), log[-3000:]
+    errors = [line for line in log.splitlines() if "error" in line.lower()]
+    assert errors == ["sfrik-scale pretrain: error: train.global_batch_size: 32 is not divisible by the world "
+                      "size 3 (train.micro_batch_size is null: one micro-batch of global / world_size images "
+                      "per rank)"], log
+    assert not (tmp_path / "runs").exists()  # no task started
+
+
+def test_a_job_cancelled_outright_keeps_its_checkpoint_and_a_resubmission_resumes(cluster, reference, tmp_path):
+    start = time.time()
+    run = tmp_path / "run"
+    args = [*CONFIG, f"train.run_dir={run}", "train.checkpoint_every_steps=10"]
+    job_id = submit(tmp_path, "--nodes=2", "--ntasks-per-node=1", args=args)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "latest_complete").exists():
+        time.sleep(0.1)
+    subprocess.run(["scancel", str(job_id)], env=harness.env(), timeout=30, check=True)  # SIGTERM, then SIGKILL
+    info = wait_done(job_id)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info  # not requeued by the script
+    assert "not requeueing" in log_of(tmp_path, job_id)
+    from sfrik_scale import checkpoint as ckpt
+
+    tag = ckpt.latest_complete(run)
+    assert tag is not None and 10 <= ckpt.step_of(tag) < STEPS
+    again = submit(tmp_path, "--nodes=2", "--ntasks-per-node=1", args=args)  # the same command, resubmitted
+    info = wait_done(again)
+    log = log_of(tmp_path, again)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "resumed    from step" in log
+    s = summary(run)
+    assert s["final_step"] == STEPS and s["loss_history"] == reference
+    print(f"sbatch cancelled at checkpoint {tag}, resubmitted, resumed: {time.time() - start:.1f} s")
