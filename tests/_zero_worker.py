@@ -118,7 +118,7 @@ def ds_config(case: Case, world: int) -> dict:
 
 def run_case(case: Case, rank: int, world: int) -> Dict[str, object]:
     import deepspeed
-    from sfrik_scale import comm, optim, zero_layout
+    from sfrik_scale import comm, zero_layout
 
     model = make_model()
     optimizer, scheduler = build(case, model)
