@@ -122,6 +122,18 @@ def all_gather_objects(obj: Any, group: Group = None) -> list:
     return out
 
 
+def is_communication_error(err: BaseException) -> bool:
+    """A collective or connection failure (gloo/NCCL), as opposed to an error of our own."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(
+        word in text for word in ("gloo", "nccl", "connection", "peer", "timed out", "socket"))
+
+
 def _flag_device(group: Group) -> torch.device:
     backend = dist.get_backend(group) if dist.is_initialized() else "gloo"
     if backend == "nccl" and torch.cuda.is_available():

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import comm
+from .errors import RaisedOnEveryRank
 from .topology import node_identity
 
 HEALTH_DIR = ".ranks"
@@ -144,6 +145,19 @@ class RankHealth:
             if text or time.time() > deadline:
                 return text
             time.sleep(min(self.interval_s, 1.0))
+
+    def peers_to_blame(self, err: BaseException) -> str:
+        """After this rank raised ``err``: a sentence naming the peers that failed first, or ''.
+
+        One process, or an error every rank raises alike: nobody else to blame. A broken
+        collective (`comm.is_communication_error`): wait for the peer that left to be named. Any
+        other error of this rank: the peers that have already failed, if any.
+        """
+        if self.world_size == 1 or isinstance(err, RaisedOnEveryRank):
+            return ""  # every rank says the same: no peer to blame
+        if comm.is_communication_error(err):
+            return self.wait_for_culprit()  # our collective broke: who left?
+        return self.describe()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

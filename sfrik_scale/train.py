@@ -1,16 +1,19 @@
 """The DeepSpeed pretraining loop: build, train_step, train, checkpoint, close.
 
-Reads top to bottom. The engine owns backward and step (and the LR schedule, which it
-steps after each optimiser step); precision is read from the engine. Every host sync is
-marked with a comment: one small all-reduce per micro-step carries the loss, the
-non-finite flag and the stop request, so all ranks take every decision together.
+Reads top to bottom. The trainer builds its collaborators and delegates to them: the data
+(`data.pretrain`), the loss (its spec), the engine (`engine`: DeepSpeed, the ZeRO layout),
+the monitor, rank health (`health`) and the learning-health watch, the checkpoint policy
+(`checkpoint_policy`), the stop request of a preemption signal (`preemption`), the epoch's
+accounting (`epoch_tally`) and the non-finite checks (`nonfinite`). The engine owns backward
+and step (and the LR schedule, which it steps after each optimiser step); precision is read
+from the engine. Every host sync is marked with a comment: one small all-reduce per
+micro-step carries the loss, the non-finite flag and the stop request, so all ranks take
+every decision together.
 """
 from __future__ import annotations
 
 import json
-import math
 import resource
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,28 +22,22 @@ from typing import Optional, Sequence
 import torch
 
 from . import comm
-from .checkpoint import load_checkpoint, save_checkpoint
-from .storage import atomic_write_text, write_problem
+from .checkpoint import load_checkpoint
+from .checkpoint_policy import CheckpointPolicy
 from .config import Config
-from .errors import NonFiniteInputError, RaisedOnEveryRank, StorageError
+from .epoch_tally import EpochTally
+from .errors import NonFiniteInputError, StorageError
 from .health import RankHealth
 from .hooks import HookFactory
 from .learning_health import LearningHealthWatch, embedding_health
 from .monitor import Monitor
+from .nonfinite import (NonFiniteLossError, NonFiniteStateError, gradients_finite, nonfinite_report,
+                        parameters_finite, write_diagnostic)
+from .preemption import PREEMPTED_EXIT_CODE, StopRequest
 from .profiling.phases import NullProfiler
 from .profiling.step import build_profiler
+from .storage import atomic_write_text, write_problem
 from .topology import Topology
-
-#: exit status after a preemption checkpoint (EX_TEMPFAIL): launchers/slurm.sbatch requeues on it
-PREEMPTED_EXIT_CODE = 75
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became non-finite and ``train.on_nonfinite`` is "stop"."""
-
-
-class NonFiniteStateError(RuntimeError):
-    """The parameters became non-finite; nothing was checkpointed over the last good state."""
 
 
 class RankFailureError(RuntimeError):
@@ -66,12 +63,6 @@ class TrainState:
                 "epoch_tally": json.loads(json.dumps(self.epoch_tally))}
 
 
-def new_epoch_tally(from_sample: int = 0) -> dict:
-    """Running totals of one epoch; ``from_sample`` > 0: counting started mid-epoch (a resume
-    from a checkpoint that predates tallies), so the epoch's record is partial."""
-    return {"sums": {}, "count": 0, "skipped": 0, "images": 0, "time_s": 0.0, "from_sample": from_sample}
-
-
 class Trainer:
     """SSL pretraining with a DeepSpeed engine. ``Trainer(cfg, topo).run()`` is the whole job."""
 
@@ -84,7 +75,8 @@ class Trainer:
         self.hooks: list = []
         self.run_dir = Path(cfg.train.run_dir)
         self.state = TrainState()
-        self._stop_requested = False
+        self.stop = StopRequest()  # SIGTERM/SIGUSR1 once run() installs it
+        self.tally: Optional[EpochTally] = None  # the current epoch's accounting
         self.resumed_from: Optional[str] = None
         self.profiler = NullProfiler()
 
@@ -100,6 +92,8 @@ class Trainer:
         self.build_data()
         self.build_model()
         self.build_engine()
+        self.checkpoints = CheckpointPolicy(self.run_dir, topo.rank, cfg.train.checkpoint_every_steps,
+                                            cfg.train.keep_last)
         self.monitor = Monitor(self.run_dir, topo.is_main, cfg.monitor.tensorboard, cfg.monitor.progress)
         # checks start after the warm-up and at least a tenth of the run: just after a short warm-up
         # healthy runs can still have positive pairs barely closer than random ones
@@ -183,7 +177,7 @@ class Trainer:
         zero = torch.zeros((), dtype=torch.float64, device=dev)
         finite_loss = zero if loss is None else torch.where(nonfinite, zero, loss.detach().double())
         status = torch.stack([finite_loss, nonfinite.double(),
-                              torch.tensor(float(self._stop_requested), dtype=torch.float64, device=dev)])
+                              torch.tensor(float(self.stop.requested), dtype=torch.float64, device=dev)])
         comm.all_reduce_(status)
         status = status.tolist()  # host sync: once per micro-step, for the agreed decisions below
         result = {"loss": status[0] / self.topo.world_size, "nonfinite": status[1] > 0,
@@ -215,15 +209,8 @@ class Trainer:
         """
         if self.engine.fp16_enabled() or self.cfg.deepspeed.zero_stage != 0:
             return True
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        # one fused pass gives the global norm (logged: DeepSpeed only computes it at ZeRO 0
-        # when clipping) and the finiteness check: a NaN/Inf anywhere makes the norm non-finite
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else \
-            torch.zeros((), device=self.topo.device)
-        flag = (~torch.isfinite(norm)).float().reshape(1)
-        comm.all_reduce_(flag)
-        self._grad_norm = norm
-        return float(flag) == 0.0  # host sync: once per step at ZeRO 0
+        finite, self._grad_norm = gradients_finite(self.engine.module, self.topo.device)  # host sync
+        return finite
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> int:
@@ -239,7 +226,7 @@ class Trainer:
             exit_code = self.train_epoch()
             if exit_code is not None:
                 return exit_code
-        if not self._checkpointed_at(st.step):
+        if self.checkpoints.due_at_end(st.step):
             self.checkpoint()
         self.monitor.print_summary_table()
         return 0
@@ -253,10 +240,8 @@ class Trainer:
         done_steps = st.samples_in_epoch // t.global_batch_size
         epoch_steps = min(self.steps_per_epoch, self.total_steps - st.step + done_steps)
         mon.start_epoch(st.epoch, t.epochs, epoch_steps, completed=done_steps)
-        if not (st.samples_in_epoch and st.epoch_tally):  # a resumed epoch carries its totals on
-            st.epoch_tally = new_epoch_tally(st.samples_in_epoch)
-        tally = st.epoch_tally
-        self._epoch_clock = (tally["time_s"], time.perf_counter())
+        tally = self.tally = EpochTally.resume_or_start(st.epoch_tally, st.samples_in_epoch)
+        st.epoch_tally = tally.totals  # a resumed epoch carries its totals on, into every checkpoint
         step_start, data_wait, micro = time.perf_counter(), 0.0, 0
         batches = iter(self.loader)
         while st.step < self.total_steps:
@@ -272,25 +257,17 @@ class Trainer:
                 hook.on_step(labels, skip=result["nonfinite"])
             micro += 1
             if result["nonfinite"]:  # every rank is here together: the flag was all-reduced
-                report = self.nonfinite_report(result)
-                if t.on_nonfinite == "stop":
-                    self.write_diagnostic("nonfinite.json", report)
-                    what = "gradients" if result.get("nonfinite_gradient") else "loss"
-                    raise NonFiniteLossError(f"non-finite {what} at step {st.step + 1} (epoch {st.epoch}) on rank(s) "
-                                             f"{report['ranks']}; diagnostic in {self.run_dir / 'nonfinite.json'}")
-                self.write_diagnostic("nonfinite.jsonl", report, append=True)
-                st.skipped_steps += 1
-                tally["skipped"] += 1
+                self.skip_or_stop(result)
+                tally.skip()
             else:
-                self._accumulate(tally["sums"], result)
-                tally["count"] += 1
+                tally.add(result["loss"], result["out"])
             if micro % self.grad_accum:
                 continue
             # ---- an optimiser step is complete
             st.step += 1
             self.health.set_step(st.step)
             st.samples_in_epoch += t.global_batch_size
-            tally["images"] += t.global_batch_size
+            tally.add_images(t.global_batch_size)
             if not result["nonfinite"]:
                 st.history.append(result["loss"])
             step_time = time.perf_counter() - step_start
@@ -300,49 +277,47 @@ class Trainer:
             self.profiler.end_step(st.step)
             step_start, data_wait = time.perf_counter(), 0.0
             if result["stop"]:  # SIGTERM/SIGUSR1 on some rank: checkpoint and exit for requeue
+                return self.preempt()
+            if self.checkpoints.due(st.step):
                 self.checkpoint()
-                mon.end_epoch(self._epoch_record(partial=True))
-                mon.print(f"[yellow]preempted: checkpoint at step {st.step}; exiting with "
-                          f"{PREEMPTED_EXIT_CODE} for requeue")
-                return PREEMPTED_EXIT_CODE
-            if t.checkpoint_every_steps and st.step % t.checkpoint_every_steps == 0:
-                self.checkpoint()
+        self.end_epoch()
+        return None
+
+    def skip_or_stop(self, result: dict) -> None:
+        """A non-finite micro-step, on every rank at once: ``train.on_nonfinite=stop`` raises
+        NonFiniteLossError with a diagnostic; ``skip`` records it and goes on (the update was
+        not applied)."""
+        st = self.state
+        report = self.nonfinite_report(result)
+        if self.cfg.train.on_nonfinite == "stop":
+            self.write_diagnostic("nonfinite.json", report)
+            what = "gradients" if result.get("nonfinite_gradient") else "loss"
+            raise NonFiniteLossError(f"non-finite {what} at step {st.step + 1} (epoch {st.epoch}) on rank(s) "
+                                     f"{report['ranks']}; diagnostic in {self.run_dir / 'nonfinite.json'}")
+        self.write_diagnostic("nonfinite.jsonl", report, append=True)
+        st.skipped_steps += 1
+
+    def end_epoch(self) -> None:
+        """The epoch's record (the hooks' figures joined at its end and the run's), and the next
+        epoch when this one is done (else the loop stopped at train.max_steps)."""
+        st, t = self.state, self.cfg.train
         finished = st.samples_in_epoch >= self.steps_per_epoch * t.global_batch_size
-        record = self._epoch_record(partial=not finished or tally["from_sample"] > 0)
+        record = self.epoch_record(partial=not finished or not self.tally.counted_from_start)
         if finished or st.step >= self.total_steps:  # every rank: the evaluation holds collectives
             for hook in self.hooks:
                 record.update(hook.on_epoch_end(self.engine.module, st.epoch, st.step))
-        mon.end_epoch(record)
-        mon.report_bad_files(self.loader.bad_files.as_dict())
+        self.monitor.end_epoch(record)
+        self.monitor.report_bad_files(self.loader.bad_files.as_dict())
         if finished:
             st.epoch += 1
             st.samples_in_epoch = 0
             st.epoch_tally = {}
-        return None
 
     # ------------------------------------------------------------------ logging
-    @staticmethod
-    def _accumulate(sums: dict, result: dict) -> None:
-        sums["loss"] = sums.get("loss", 0.0) + result["loss"]
-        for k, v in result["out"].items():
-            if k != "loss":
-                sums[k] = sums.get(k, 0.0) + float(v)  # components are detached 0-dim tensors
-
-    def _epoch_seconds(self) -> float:
-        """Seconds spent in the current epoch, over all the runs it was trained in."""
-        before, start = getattr(self, "_epoch_clock", (0.0, time.perf_counter()))
-        return before + time.perf_counter() - start
-
-    def _epoch_record(self, partial: bool) -> dict:
+    def epoch_record(self, partial: bool) -> dict:
         """The current epoch's summary from its running totals (carried across a resume)."""
-        tally = self.state.epoch_tally
-        elapsed, count = self._epoch_seconds(), tally["count"]
-        record = {"epoch": self.state.epoch, "steps": self.state.step, "partial": partial,
-                  "time_s": elapsed, "images_per_s": tally["images"] / elapsed if elapsed > 0 else None,
-                  "skipped_steps": tally["skipped"], "bad_files": len(self.loader.bad_files)}
-        record.update({k: v / count for k, v in tally["sums"].items()} if count else {})
-        record["regulariser"] = record.get(self.regulariser_key) if self.regulariser_key else None
-        return record
+        return self.tally.record(self.state.epoch, self.state.step, partial, len(self.loader.bad_files),
+                                 self.regulariser_key)
 
     def log_step(self, result: dict, step_time: float, data_wait: float) -> None:
         st, eng = self.state, self.engine
@@ -375,48 +350,16 @@ class Trainer:
 
     def nonfinite_report(self, result: dict) -> dict:
         """Which rank, which loss term, what the embeddings looked like (collective)."""
-        def stats(z: torch.Tensor) -> dict:
-            z = z.detach().float()
-            finite = torch.isfinite(z)
-            norms = torch.where(finite, z, torch.zeros_like(z)).norm(dim=1)
-            return {"nonfinite_values": int((~finite).sum()), "rows_with_nonfinite": int((~finite).any(1).sum()),
-                    "row_norm_mean": float(norms.mean()), "row_norm_max": float(norms.max()),
-                    "per_dim_std_mean": float(torch.nan_to_num(z).std(0).mean())}
-
-        local_loss = result["local_loss"]
-        local = {"rank": self.topo.rank, "loss": float("nan") if local_loss is None else float(local_loss.detach()),
-                 "what": "gradient" if result.get("nonfinite_gradient") else "loss",
-                 "nonfinite_terms": sorted(k for k, v in (result["out"] or {}).items()
-                                           if not math.isfinite(float(v.detach()))) if result["out"] is not None
-                 else ["(input embeddings)"],
-                 "z1": stats(result["z1"]), "z2": stats(result["z2"])}
-        per_rank = comm.all_gather_objects(local)
-        bad = [r["rank"] for r in per_rank if not math.isfinite(r["loss"]) or r["nonfinite_terms"]]
-        return {"step": self.state.step + 1, "epoch": self.state.epoch, "policy": self.cfg.train.on_nonfinite,
-                "ranks": bad or [r["rank"] for r in per_rank], "per_rank": per_rank}
+        return nonfinite_report(result, rank=self.topo.rank, step=self.state.step + 1, epoch=self.state.epoch,
+                                policy=self.cfg.train.on_nonfinite)
 
     def write_diagnostic(self, name: str, info: dict, append: bool = False) -> None:
-        if not self.topo.is_main:
-            return
-        path = self.run_dir / name
-        if append:
-            with open(path, "a") as f:
-                f.write(json.dumps(info, default=str) + "\n")
-        else:
-            atomic_write_text(path, json.dumps(info, indent=2, default=str) + "\n")
+        if self.topo.is_main:
+            write_diagnostic(self.run_dir, name, info, append=append)
 
     def params_finite(self) -> bool:
         """All ranks agree whether every parameter is finite (ZeRO-3: each rank's partition)."""
-        ok = True
-        with torch.no_grad():
-            for p in self.engine.module.parameters():
-                data = getattr(p, "ds_tensor", p.data)
-                if data.numel() and not bool(torch.isfinite(data.sum(dtype=torch.float64))):
-                    ok = False
-                    break
-        flag = torch.tensor([0.0 if ok else 1.0], device=self.topo.device)
-        comm.all_reduce_(flag)
-        return float(flag) == 0.0  # host sync: before checkpoints only
+        return parameters_finite(self.engine.module, self.topo.device)  # host sync: before checkpoints only
 
     def schedule_text(self) -> str:
         """How long the run is: "10 epochs x 16 steps", or "48 steps (train.max_steps) of 10 epochs x 16"."""
@@ -443,33 +386,29 @@ class Trainer:
             ("resumed", f"from {self.resumed_from} (step {self.state.step})" if self.resumed_from else "no"),
         ])
 
-    # ------------------------------------------------------------------ checkpoints and signals
+    # ------------------------------------------------------------------ checkpoints and preemption
     def checkpoint(self) -> str:
+        """Save this step (when and how many to keep: `CheckpointPolicy`); collective."""
         if not self.params_finite():  # never write a non-finite state over a good checkpoint
             self.write_diagnostic("nonfinite.json", {"step": self.state.step, "epoch": self.state.epoch,
                                                      "what": "non-finite parameters before a checkpoint"})
             raise NonFiniteStateError(f"parameters are non-finite at step {self.state.step}; no checkpoint was "
                                       f"written, the last complete one in {self.run_dir / 'checkpoints'} is intact")
-        if self.state.epoch_tally:
-            self.state.epoch_tally["time_s"] = self._epoch_seconds()
+        if self.state.epoch_tally and self.tally is not None:
+            self.tally.save_time()
         client = {"train_state": self.state.to_dict(), "config": self.cfg.to_dict(),
                   "sampler": self.loader.sharded_sampler.state_dict(self.state.samples_in_epoch),
                   **{hook.key: hook.state_dict() for hook in self.hooks}}
-        tag = save_checkpoint(self.engine, self.run_dir, self.state.step, client, self.topo.rank,
-                              self.cfg.train.keep_last)
-        self._last_checkpoint_step = self.state.step
-        return tag
+        return self.checkpoints.save(self.engine, self.state.step, client)
 
-    def _checkpointed_at(self, step: int) -> bool:
-        return getattr(self, "_last_checkpoint_step", None) == step
-
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGUSR1 (SLURM preemption) -> checkpoint at the next step boundary, then exit."""
-        def request_stop(signum, frame):  # noqa: ARG001
-            self._stop_requested = True
-
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, request_stop)
+    def preempt(self) -> int:
+        """Every rank saw a stop request at this step: checkpoint, close the epoch's record as
+        partial, and return the exit status on which the launcher requeues the job."""
+        self.checkpoint()
+        self.monitor.end_epoch(self.epoch_record(partial=True))
+        self.monitor.print(f"[yellow]preempted: checkpoint at step {self.state.step}; exiting with "
+                           f"{PREEMPTED_EXIT_CODE} for requeue")
+        return PREEMPTED_EXIT_CODE
 
     def close(self) -> None:
         monitor = getattr(self, "monitor", None)
@@ -502,7 +441,7 @@ class Trainer:
     def run(self) -> int:
         """The whole job. A failure on any rank is recorded for its peers (health.py), and an
         error here names a peer that failed first."""
-        self.install_signal_handlers()
+        self.stop.install()  # SIGTERM/SIGUSR1 (SLURM preemption) -> checkpoint at the next step, then exit
         self.check_run_dir()
         self.health = RankHealth(self.run_dir, self.topo.rank, self.topo.world_size,
                                  self.cfg.train.peer_timeout_s)
@@ -514,12 +453,7 @@ class Trainer:
             return code
         except BaseException as err:
             text = f"{type(err).__name__}: {err}".strip()
-            if self.topo.world_size == 1 or isinstance(err, RaisedOnEveryRank):
-                peers = ""  # every rank says the same: no peer to blame
-            elif _is_communication_error(err):
-                peers = self.health.wait_for_culprit()  # our collective broke: who left?
-            else:
-                peers = self.health.describe()
+            peers = self.health.peers_to_blame(err)
             self.health.mark("failed", text[:2000])
             if peers:
                 raise RankFailureError(f"rank {self.topo.rank} stopped ({text[:300]}); {peers}") from err
@@ -527,18 +461,6 @@ class Trainer:
         finally:
             self.health.close(status)
             self.close()
-
-
-def _is_communication_error(err: BaseException) -> bool:
-    """A collective or connection failure (gloo/NCCL), as opposed to an error of our own."""
-    if isinstance(err, (ConnectionError, TimeoutError)):
-        return True
-    dist_error = getattr(torch.distributed, "DistError", None)
-    if dist_error is not None and isinstance(err, dist_error):
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and any(
-        word in text for word in ("gloo", "nccl", "connection", "peer", "timed out", "socket"))
 
 
 # ---------------------------------------------------------------------------- metrics helpers

@@ -113,8 +113,9 @@ LAYER_RULES = [
       "profiling", "planning", "checkpoint", "export", "pretrain", "benchmarks"), ("selftest",)),
     # runtime profiling sits below the trainer; simulation and planning beside the command line
     (("profiling",), ("planning", "train", "pretrain", "cli", "eval")),
-    # storage, checkpoints, the monitor and the leaf modules know no model or config
-    (("errors", "helptext", "registry", "storage", "hooks", "checkpoint", "monitor"),
+    # storage, checkpoints, the monitor, the leaf modules and the trainer's collaborators know no model or config
+    (("errors", "helptext", "registry", "storage", "hooks", "checkpoint", "monitor", "checkpoint_policy",
+      "preemption", "epoch_tally", "nonfinite"),
      ("config", "models", "train", "eval", "planning", "cli", "pretrain")),
     # nothing below the command line imports it
     (("kernels", "comm", "gram", "losses", "models", "optim", "data", "config", "ds_config", "train", "eval",
