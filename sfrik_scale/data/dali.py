@@ -1,4 +1,4 @@
-"""The DALI two-view loader (and eval loader): same order, sharding, resume and bad-file rules as torchvision.
+"""The DALI two-view loader: same order, sharding, resume and bad-file rules as torchvision.
 
 DALI decodes and augments; Python decides *what* is decoded. The loader walks the
 same `ShardedSampler` as the torchvision loader and feeds the pipeline, batch by
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import functools
 import io
-import math
 import re
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -522,73 +521,7 @@ def build_dali_loader(
                              device=device, device_id=device_id, prefetch=prefetch)
 
 
-# ---------------------------------------------------------------------------------
-# Eval loader.
-# ---------------------------------------------------------------------------------
-class DaliEvalLoader:
-    """Yields ``(images (B, 3, S, S) float32, labels (B,) int64)`` in sampler order, the last batch smaller.
-
-    Resize to eval_resize_size(S) (256/224 x S; S itself up to 64 px), centre crop S, normalise (``dali_ops.build_eval_pipeline``).
-    ``sharded_sampler`` is unshuffled and pads to a multiple of the world size
-    (``drop_last=False``); ``bad_files`` as for training.
-    """
-
-    def __init__(self, source: SampleSource, sharded_sampler: ShardedSampler, *, batch_size: int, image_size: int,
-                 num_threads: int, device: str, device_id: Optional[int], prefetch: int = 2) -> None:
-        from sfrik_scale.data.dali_ops import build_eval_pipeline
-
-        self.source, self.sharded_sampler = source, sharded_sampler
-        self.batch_size, self.image_size, self.device = int(batch_size), int(image_size), device
-        self.dataset = source.dataset
-        build = functools.partial(build_eval_pipeline, image_size, encoded=source.encoded, device=device,
-                                  batch_size=self.batch_size, num_threads=num_threads, device_id=device_id)
-        self._driver = _PipelineDriver(build, source, prefetch, device)
-
-    @property
-    def bad_files(self) -> BadFileLog:
-        return self.source.bad_files
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sharded_sampler) / self.batch_size)
-
-    def _prepare(self, indices: List[int]) -> _Batch:
-        items = [self.source.get(i) for i in indices]
-        inputs = {ENCODED_INPUT if self.source.encoded else PIXELS_INPUT: [it[0] for it in items]}
-        labels = torch.tensor([it[1] for it in items], dtype=torch.long)
-        return _Batch(list(indices), inputs, labels, [it[4] for it in items])
-
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        order = list(self.sharded_sampler)
-        chunks = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
-        for (images,), batch in self._driver.run(chunks, self._prepare):
-            yield images, batch.labels.to(images.device)
-
-    def close(self) -> None:
-        """Stop the reader thread and free the pipeline; yielded tensors stay valid."""
-        self._driver.close()
-
-    def __repr__(self) -> str:
-        return f"DaliEvalLoader({self.dataset!r}, batch_size={self.batch_size}, device={self.device!r})"
-
-
-def build_dali_eval_loader(dataset: Any, *, batch_size: int, image_size: int, rank: int = 0, world_size: int = 1,
-                           num_threads: int = 4, strict: Optional[bool] = None, device: str = "auto",
-                           device_id: Optional[int] = None) -> DaliEvalLoader:
-    """DALI evaluation loader of an ``(image, label)`` dataset; see ``sfrik_scale.data.eval_loader``."""
-    _require_dali()
-    base, _, _ = _unwrap(dataset)
-    if len(base) == 0:
-        raise ValueError(f"dataset {base!r} is empty: nothing to evaluate")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device, device_id = _resolve_device(device, device_id)
-    source = SampleSource(base, strict=getattr(base, "strict", False) if strict is None else strict)
-    sampler = ShardedSampler(len(base), rank=rank, world_size=world_size, shuffle=False, drop_last=False)
-    return DaliEvalLoader(source, sampler, batch_size=batch_size, image_size=image_size, num_threads=num_threads,
-                          device=device, device_id=device_id)
-
-
 __all__ = [
-    "DaliEvalLoader", "DaliTwoViewLoader", "SampleSource", "build_dali_eval_loader", "build_dali_loader",
+    "DaliTwoViewLoader", "SampleSource", "build_dali_loader",
     "check_encoded", "dali_available",
 ]

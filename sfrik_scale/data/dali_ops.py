@@ -1,4 +1,4 @@
-"""The DALI graphs: two views from one `ViewAugmentation` description each, and the eval graph.
+"""The DALI graphs: two views from one `ViewAugmentation` description each.
 
 Imported only by ``sfrik_scale.data.dali`` once DALI is known to import (rule 6: the
 heavy optional dependency stays lazy); nothing here touches files or the sampler.
@@ -54,7 +54,7 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.pipeline import Pipeline
 
-from sfrik_scale.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ViewAugmentation, eval_resize_size
+from sfrik_scale.data.transforms import ViewAugmentation
 
 # ---------------------------------------------------------------------------------
 # Per-sample random parameters (numpy, vectorised over the batch).
@@ -385,14 +385,6 @@ def _two_view_graph(desc1: ViewAugmentation, desc2: ViewAugmentation, encoded: b
             view_graph(images, _view_inputs(desc2, device, PARAMS2, KERNEL2), desc2))
 
 
-def _eval_graph(image_size: int, resize: int, mean: Sequence[float], std: Sequence[float], encoded: bool,
-                device: str):
-    images = _decoded_input(encoded, device)
-    images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
-    return fn.crop_mirror_normalize(images, crop=(image_size, image_size), mean=[255.0 * m for m in mean],
-                                    std=[255.0 * s for s in std], dtype=types.FLOAT, output_layout="CHW")
-
-
 def _pipeline_kwargs(batch_size: int, num_threads: int, device: str, device_id: Optional[int], seed: int) -> dict:
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -414,22 +406,6 @@ def build_two_view_pipeline(desc1: ViewAugmentation, desc2: ViewAugmentation, *,
         raise ValueError(f"both views need the same size to be batched, got {desc1.size} and {desc2.size}")
     factory = pipeline_def(_two_view_graph, enable_conditionals=True)
     pipe = factory(desc1, desc2, encoded, device, **_pipeline_kwargs(batch_size, num_threads, device, device_id, seed))
-    pipe.build()
-    return pipe
-
-
-def build_eval_pipeline(image_size: int, *, encoded: bool, device: str, batch_size: int, num_threads: int,
-                        device_id: Optional[int] = None, mean: Sequence[float] = IMAGENET_MEAN,
-                        std: Sequence[float] = IMAGENET_STD) -> Pipeline:
-    """Resize the short side to ``eval_resize_size(image_size)`` (bilinear, antialiased), centre crop,
-    normalise.
-
-    The same geometry as ``sfrik_scale.data.build_eval_transform``; output (B, 3, S, S) float32.
-    """
-    resize = eval_resize_size(image_size)
-    factory = pipeline_def(_eval_graph)
-    pipe = factory(image_size, resize, tuple(mean), tuple(std), encoded, device,
-                   **_pipeline_kwargs(batch_size, num_threads, device, device_id, 0))
     pipe.build()
     return pipe
 
