@@ -38,9 +38,10 @@ from sfrik_scale.config_types import accepts_str, coerce, type_name
 from sfrik_scale.ds_config import check_extra, expand_ds_template
 from sfrik_scale.errors import ConfigError
 from sfrik_scale.errors import suggest as _suggest
-from sfrik_scale.data.datasets import DATASETS, reads_path
+from sfrik_scale.data.datasets import DATASETS, DEFAULT_DATASET, is_generated, reads_path
+from sfrik_scale.data.pretrain import AUTO, LOADER_CHOICES
 from sfrik_scale.losses import LOSS_SPECS, option_declarations
-from sfrik_scale.optim import OPTIMIZERS
+from sfrik_scale.optim import DEFAULT_OPTIMIZER, OPTIMIZERS
 
 CONFIG_FILENAME = "config.yaml"
 DEFAULT_RECIPE = "demo"
@@ -116,7 +117,7 @@ LossConfig = _make_loss_config()
 class DataConfig:
     """Dataset, two-view augmentations and loader."""
 
-    dataset: Literal[tuple(DATASETS)] = _f("synthetic", help=(  # type: ignore[valid-type]
+    dataset: Literal[tuple(DATASETS)] = _f(DEFAULT_DATASET, help=(  # type: ignore[valid-type]
         "A sfrik_scale.data.DATASETS name. synthetic: procedurally generated images with class structure, "
         "no download, deterministic by train.seed; digits: scikit-learn's bundled 8x8 handwritten digits "
         "(real images, fixed train/val split, no download); image_folder: a tree root/<class>/<image>; "
@@ -130,7 +131,7 @@ class DataConfig:
     images_per_class: Optional[int] = _f(None, help=(
         "Keep only the first K images of each class (in sorted file order); 260 gives the paper's "
         "ImageNet 20% subset. None: all images."))
-    loader: Literal["auto", "torchvision", "dali"] = _f("auto", help=(
+    loader: Literal[LOADER_CHOICES] = _f(AUTO, help=(  # type: ignore[valid-type]
         "auto: DALI when nvidia-dali is installed and runs (checked once with a tiny CPU pipeline), else torchvision "
         "with a one-line notice; dali: DALI or a clear error; torchvision: DataLoader worker processes. DALI decodes "
         "and augments on the GPU (nvJPEG) when training on CUDA, on CPU threads otherwise; both loaders yield the "
@@ -152,7 +153,7 @@ class DataConfig:
 class OptimConfig:
     """Optimiser and learning-rate schedule (``sfrik_scale.optim``), stepped per iteration."""
 
-    name: Literal[tuple(OPTIMIZERS)] = _f("lars", help=(  # type: ignore[valid-type]
+    name: Literal[tuple(OPTIMIZERS)] = _f(DEFAULT_OPTIMIZER, help=(  # type: ignore[valid-type]
         "lars (biases and normalisation parameters excluded from weight decay and adaptation), adamw, lamb."))
     base_lr: float = _f(0.3, help="Learning rate per 256 images: peak lr = base_lr * train.global_batch_size / 256.")
     weight_decay: float = _f(1e-6, help="Weight decay (decoupled for adamw).")
@@ -564,7 +565,7 @@ def _check_world_size(cfg: Config, world_size: int) -> None:
     if micro < 1 or t.global_batch_size % per_step:
         raise ConfigError("train.global_batch_size", f"{t.global_batch_size} is not divisible by "
                                                      f"train.micro_batch_size x world_size = {micro} x {world_size}")
-    if cfg.data.dataset == "synthetic" and cfg.data.synthetic_size < t.global_batch_size:
+    if is_generated(cfg.data.dataset) and cfg.data.synthetic_size < t.global_batch_size:
         raise ConfigError("data.synthetic_size", f"{cfg.data.synthetic_size} images make no full batch of "
                                                  f"train.global_batch_size = {t.global_batch_size}")
 

@@ -49,9 +49,12 @@ from sfrik_scale import comm
 from sfrik_scale.registry import Registry
 
 __all__ = ["OPTIMIZERS", "LARS", "LAMB", "LayerwiseTrustOptimizer", "LayerSegments", "param_groups",
-           "build_optimizer", "optimizer_options", "scaled_lr", "WarmupCosine", "build_scheduler"]
+           "build_optimizer", "optimizer_options", "DEFAULT_OPTIMIZER", "scaled_lr", "WarmupCosine", "build_scheduler"]
 
 OPTIMIZERS: Registry = Registry("optimizer")
+
+#: the optimiser of a run that names none: LARS, as in the SFRIK and VICReg papers
+DEFAULT_OPTIMIZER = "lars"
 
 ParamsLike = Union[nn.Module, Iterable[torch.nn.Parameter]]
 
@@ -303,13 +306,18 @@ class LARS(LayerwiseTrustOptimizer):
                 update = p.grad.add(p, alpha=group["weight_decay"]) if group["weight_decay"] else p.grad.clone()
                 if group["layer_adaptation"]:
                     update.mul_(self._trust_ratio(p, group, update, group["eta"]))
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
+                mu = self.init_state(p)
                 mu.mul_(group["momentum"]).add_(update)
                 p.add_(mu, alpha=-group["lr"])
         return loss
+
+    def init_state(self, p: torch.Tensor) -> torch.Tensor:
+        """The momentum buffer of ``p``, made (zeros) at its first use. LARS makes its state one
+        tensor at a time, so the memory simulator can make it ahead of the step."""
+        state = self.state[p]
+        if "mu" not in state:
+            state["mu"] = torch.zeros_like(p)
+        return state["mu"]
 
 
 class LAMB(LayerwiseTrustOptimizer):

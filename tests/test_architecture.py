@@ -192,6 +192,63 @@ def test_loss_names_are_spelled_only_by_their_own_module():
     assert {"sfrik", "vicreg", "simclr", "align_uniform", "contrastive"} <= names
 
 
+#: files that may spell a data backend's name ("torchvision", "dali"), and why
+BACKEND_NAME_ALLOWED = {
+    "data/pretrain.py": "the backends' own module: their names and the choice between them",
+    "selftest/__init__.py": "the self-test part named after the DALI library (its key, not a backend choice)",
+    "selftest/runner.py": "the DALI library's version in the self-test's environment record",
+}
+
+#: files that may spell a dataset's name, and why (everything else asks data.datasets)
+DATASET_NAME_ALLOWED = {
+    "data/datasets.py": "the dataset registry: each factory, its options, the default",
+}
+
+#: files that may spell an optimiser's name, and why (everything else asks optim)
+OPTIMIZER_NAME_ALLOWED = {
+    "optim.py": "the optimiser registry: each builder, the default",
+}
+
+
+def _names_spelled_outside(names: set, allowed: dict) -> list[str]:
+    """``file:line: 'name'`` for each string constant of the package (docstrings aside) that is one
+    of ``names``, outside the ``allowed`` files."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel not in allowed:
+            found += [f"{rel}:{node.lineno}: {node.value!r}" for node in _string_constants(ast.parse(path.read_text()))
+                      if node.value in names]
+    return found
+
+
+def test_data_backend_names_are_spelled_only_by_their_own_module():
+    """`data.pretrain` names the loader backends; the configuration, the benchmarks and the
+    self-test take the names from it."""
+    from sfrik_scale.data.pretrain import BACKENDS
+
+    assert set(BACKENDS) == {"torchvision", "dali"}
+    assert _names_spelled_outside(set(BACKENDS), BACKEND_NAME_ALLOWED) == []
+
+
+def test_dataset_names_are_spelled_only_by_the_registry():
+    """The configuration, the evaluations and the benchmarks ask `data.datasets` (the default,
+    `reads_path`, `path_option`, `is_generated`) instead of naming a dataset."""
+    from sfrik_scale.data import DATASETS
+
+    assert {"synthetic", "digits", "image_folder", "file_list"} <= set(DATASETS)
+    assert _names_spelled_outside(set(DATASETS), DATASET_NAME_ALLOWED) == []
+
+
+def test_optimizer_names_are_spelled_only_by_the_registry():
+    """The configuration, the benchmarks and the memory simulator take the default and each
+    optimiser's options and state from `optim`."""
+    from sfrik_scale.optim import OPTIMIZERS
+
+    assert {"lars", "lamb", "adamw"} <= set(OPTIMIZERS)
+    assert _names_spelled_outside(set(OPTIMIZERS), OPTIMIZER_NAME_ALLOWED) == []
+
+
 def test_every_loss_spec_is_complete_and_builds_with_its_defaults():
     from sfrik_scale.config import load_config
     from sfrik_scale.losses import LOSS_SPECS, LOSSES, build_loss_from_config, loss_parameters

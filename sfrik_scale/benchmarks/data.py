@@ -23,6 +23,12 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from sfrik_scale.data.pretrain import BACKENDS, DALI, TORCHVISION
+
+#: the measured pipelines: each loader backend, and DALI decoding on the GPU
+DALI_GPU = f"{DALI}-gpu"
+PIPELINES = (*BACKENDS, DALI_GPU)
+
 
 @dataclass
 class DataMeasurement:
@@ -75,34 +81,35 @@ def _time_epochs(loader, epochs: int, clock=time.perf_counter) -> tuple[float, i
 def _build(name: str, dataset, batch_size: int, threads: int):
     from sfrik_scale.data import build_loader
 
-    if name == "torchvision":
+    if name == TORCHVISION:
         return build_loader(dataset, micro_batch_size=batch_size, global_batch_size=batch_size, num_workers=threads,
                             persistent_workers=True, pin_memory=False)
     from sfrik_scale.data.dali import build_dali_loader
 
     return build_dali_loader(dataset, micro_batch_size=batch_size, global_batch_size=batch_size, num_threads=threads,
-                             device="gpu" if name == "dali-gpu" else "cpu")
+                             device="gpu" if name == DALI_GPU else "cpu")
 
 
 def bench_data(root: str, threads: int, batch_size: int, image_size: int, augmentations: str, epochs: int,
                pipelines: List[str], cpu_cost: bool = True) -> List[DataMeasurement]:
-    from sfrik_scale.data import build_pretrain_dataset
+    from sfrik_scale.data import AUGMENTATIONS, ImageFolderDataset, TwoViewDataset, TwoViewTransform
 
-    dataset = build_pretrain_dataset("image_folder", root=root, augmentations=augmentations,
-                                     image_size=image_size, seed=0)
+    # the folder of JPEGs just written, with the named two-view augmentations
+    dataset = TwoViewDataset(ImageFolderDataset(root), TwoViewTransform(*AUGMENTATIONS.get(augmentations)(image_size)),
+                             seed=0)
     batch_size = min(batch_size, len(dataset))
     out = []
     for name in pipelines:
         loader = _build(name, dataset, batch_size, threads)
         seconds, images = _time_epochs(loader, epochs)
-        row = DataMeasurement(name, "gpu" if name == "dali-gpu" else "cpu", threads, images / seconds, seconds, images)
+        row = DataMeasurement(name, "gpu" if name == DALI_GPU else "cpu", threads, images / seconds, seconds, images)
         del loader
-        if cpu_cost and name != "dali-gpu":
+        if cpu_cost and name != DALI_GPU:
             # In-process, one thread: process_time counts DALI's thread; torchvision runs in the main process.
             torch_threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                cpu_seconds, cpu_images = _time_epochs(_build(name, dataset, batch_size, 0 if name == "torchvision"
+                cpu_seconds, cpu_images = _time_epochs(_build(name, dataset, batch_size, 0 if name == TORCHVISION
                                                               else 1), 1, clock=time.process_time)
             finally:
                 torch.set_num_threads(torch_threads)
@@ -123,8 +130,8 @@ def print_data_table(rows: List[DataMeasurement], image_size: int, augmentations
     # img/s: wall clock with `threads` threads; CPU ms/img: one thread, in-process (robust to a busy machine)
     for col in ("pipeline", "device", "threads", "img/s", "vs tv", "images", "seconds", "CPU ms/img", "vs tv (CPU)"):
         table.add_column(col, justify="left" if col in ("pipeline", "device") else "right")
-    base: Optional[float] = next((r.images_per_s for r in rows if r.pipeline == "torchvision"), None)
-    base_cpu: Optional[float] = next((r.cpu_ms_per_image for r in rows if r.pipeline == "torchvision"), None)
+    base: Optional[float] = next((r.images_per_s for r in rows if r.pipeline == TORCHVISION), None)
+    base_cpu: Optional[float] = next((r.cpu_ms_per_image for r in rows if r.pipeline == TORCHVISION), None)
     for r in rows:
         ratio = f"{r.images_per_s / base:.2f}" if base else "-"
         cpu = f"{r.cpu_ms_per_image:.2f}" if r.cpu_ms_per_image else "-"
@@ -158,17 +165,17 @@ def main(args) -> int:
     if args.pipelines:
         pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
     else:
-        pipelines = ["torchvision"]
+        pipelines = [TORCHVISION]
         ok, reason = dali_available()
         if ok:
-            pipelines.append("dali")
+            pipelines.append(DALI)
             if torch.cuda.is_available():
-                pipelines.append("dali-gpu")
+                pipelines.append(DALI_GPU)
         else:
             print(f"DALI not measured: {reason}")
-    unknown = sorted(set(pipelines) - {"torchvision", "dali", "dali-gpu"})
+    unknown = sorted(set(pipelines) - set(PIPELINES))
     if unknown:
-        raise ValueError(f"unknown pipeline(s) {unknown}; choose from torchvision, dali, dali-gpu")
+        raise ValueError(f"unknown pipeline(s) {unknown}; choose from {', '.join(PIPELINES)}")
     with tempfile.TemporaryDirectory(prefix="sfrik-bench-data-") as tmp:
         try:
             width, height = (int(v) for v in args.jpeg_size.lower().split("x"))

@@ -42,7 +42,7 @@ def main(args) -> int:
     from ..config import load_config
     from ..losses import build_loss, loss_parameters
     from ..models import build_model
-    from ..optim import build_optimizer, build_scheduler
+    from ..optim import build_optimizer, build_scheduler, optimizer_options
     from ..topology import init_distributed, resolve_launch_env
     from ..train import Trainer
 
@@ -71,8 +71,7 @@ def main(args) -> int:
     lc = cfg.loss
     loss_fn = build_loss(lc.name, q=model.q, **{k: getattr(lc, k) for k in loss_parameters(lc.name) if hasattr(lc, k)})
     o = cfg.optim
-    extra = {"momentum": o.momentum, "eta": o.eta} if o.name == "lars" else {"betas": tuple(o.betas)}
-    opt = build_optimizer(o.name, model, lr=cfg.peak_lr, weight_decay=o.weight_decay, **extra)
+    opt = build_optimizer(o.name, model, lr=cfg.peak_lr, **optimizer_options(o.name, o))  # as the engine
     sched = build_scheduler(opt, o.base_lr, cfg.train.global_batch_size, trainer.steps_per_epoch, cfg.train.epochs,
                             o.warmup_epochs, o.final_lr_ratio)
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from sfrik_scale.data.folder import (
     IMG_EXTENSIONS, BadFileLog, BadImageError, FileListDataset, ImageFolderDataset, check_dataset_size, pil_loader,
 )
-from sfrik_scale.data.datasets import DATASETS, TransformedDataset, build_dataset, build_eval_dataset
+from sfrik_scale.data.datasets import DATASETS, DEFAULT_DATASET, TransformedDataset, build_dataset, build_eval_dataset
 from sfrik_scale.data.sampler import SamplerPositionMixin, ShardedSampler
 from sfrik_scale.data.synthetic import SyntheticShapes
 from sfrik_scale.data.transforms import (
@@ -101,7 +101,7 @@ class TwoViewDataset(Dataset):
 
 
 def build_pretrain_dataset(
-    dataset: str = "synthetic",
+    dataset: str = DEFAULT_DATASET,
     *,
     augmentations: str = "sfrik",
     image_size: int = 32,

@@ -24,6 +24,9 @@ from sfrik_scale.registry import Registry
 # ---------------------------------------------------------------------------------
 DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 
+#: the dataset of a run or an evaluation that names none (generated: no download)
+DEFAULT_DATASET = "synthetic"
+
 
 @DATASETS.register("synthetic")
 def _synthetic(*, split: str = "train", image_size: int = 32, seed: int = 0, num_samples: Optional[int] = None,
@@ -66,12 +69,30 @@ _PRETRAIN_OPTIONS: dict[str, Callable[[Any], dict]] = {
 }
 
 
-_READS_A_PATH = ("image_folder", "file_list")
+#: datasets that read their images from a path: the factory's keyword for it, and what it is
+_PATH_OPTIONS: dict[str, tuple[str, str]] = {
+    "image_folder": ("root", "a folder root/<class>/<image>"),
+    "file_list": ("list_file", "a file list"),
+}
+
+#: datasets whose images are generated from their settings alone (size, classes, seed)
+_GENERATED = ("synthetic",)
 
 
 def reads_path(name: str) -> bool:
     """Whether dataset ``name`` reads its images from ``data.path`` (a folder or a list file)."""
-    return name in _READS_A_PATH
+    return name in _PATH_OPTIONS
+
+
+def path_option(name: str) -> tuple[str, str]:
+    """``(keyword, what)`` of a dataset that `reads_path`: the factory's keyword the path is given
+    as ("root", "list_file"), and what the path must be, for messages."""
+    return _PATH_OPTIONS[name]
+
+
+def is_generated(name: str) -> bool:
+    """Whether dataset ``name`` generates its images from its settings (size, classes, seed)."""
+    return name in _GENERATED
 
 
 def pretrain_options(name: str, settings: Any) -> dict:
@@ -89,7 +110,7 @@ def _dataset_keys() -> set:
     return keys
 
 
-def build_dataset(name: str = "synthetic", **kwargs: Any) -> Dataset:
+def build_dataset(name: str = DEFAULT_DATASET, **kwargs: Any) -> Dataset:
     """The ``(image, label)`` dataset registered as ``name`` ("synthetic", "image_folder", "file_list").
 
     One data config can be passed whole: a key that another dataset uses is ignored
@@ -104,7 +125,7 @@ def build_dataset(name: str = "synthetic", **kwargs: Any) -> Dataset:
     return factory(**kwargs)
 
 
-def build_eval_dataset(name: str = "synthetic", *, image_size: int = 32, split: str = "val", **kwargs: Any) -> Dataset:
+def build_eval_dataset(name: str = DEFAULT_DATASET, *, image_size: int = 32, split: str = "val", **kwargs: Any) -> Dataset:
     """``(image float32 (3, S, S), label)`` through `build_eval_transform` (resize to eval_resize_size(S): 256/224 x S, or S up to 64 px; center crop S)."""
     base = build_dataset(name, image_size=image_size, split=split, **kwargs)
     return TransformedDataset(base, build_eval_transform(image_size))

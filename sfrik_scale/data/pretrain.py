@@ -19,6 +19,13 @@ from sfrik_scale.data.folder import BadFileLog
 from sfrik_scale.data.sampler import ShardedSampler
 
 
+#: the loader backends (``data.loader`` names one, or "auto": DALI when it works, else torchvision)
+TORCHVISION, DALI = "torchvision", "dali"
+BACKENDS = (TORCHVISION, DALI)
+AUTO = "auto"
+LOADER_CHOICES = (AUTO, *BACKENDS)
+
+
 class TwoViewLoader(Protocol):
     """What the trainer needs from a pretraining loader (both backends implement it)."""
 
@@ -38,24 +45,24 @@ class TwoViewLoader(Protocol):
 class PretrainData:
     dataset: Any            # the TwoViewDataset (its view descriptions, files, seed, bad-file log)
     loader: TwoViewLoader
-    backend: str            # "dali" or "torchvision"
+    backend: str            # one of BACKENDS
 
 
 def choose_backend(choice: str, announce: Optional[Callable[[str], None]] = None) -> str:
-    """``loader`` setting -> "dali" or "torchvision" (see the module docstring)."""
-    if choice == "torchvision":
+    """``loader`` setting (a `LOADER_CHOICES` name) -> one of `BACKENDS` (see the module docstring)."""
+    if choice == TORCHVISION:
         return choice
     from sfrik_scale.data.dali import dali_available
 
     ok, reason = dali_available()  # cached; imports DALI and runs a tiny CPU pipeline once
     if ok:
-        return "dali"
-    if choice == "dali":
+        return DALI
+    if choice == DALI:
         raise ValueError(f"data.loader=dali but DALI does not work here ({reason}); "
                          "use data.loader=torchvision or auto")
     if announce is not None:
         announce(f"data.loader=auto: DALI unavailable ({reason}); using torchvision")
-    return "torchvision"
+    return TORCHVISION
 
 
 def build_pretrain_loader(settings: Any, *, rank: int, world_size: int, device: torch.device,
@@ -73,7 +80,7 @@ def build_pretrain_loader(settings: Any, *, rank: int, world_size: int, device: 
     batches = dict(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, rank=rank,
                    world_size=world_size, seed=seed)
     backend = choose_backend(settings.loader, announce)
-    if backend == "dali":
+    if backend == DALI:
         from sfrik_scale.data.dali import build_dali_loader
 
         on_gpu = device.type == "cuda"

@@ -247,9 +247,10 @@ def _source(args):
 
 
 def _data_spec(args, pretrain: dict):
+    from ..data.datasets import DEFAULT_DATASET
     from .data import EvalDataSpec
 
-    dataset = args.dataset or pretrain.get("dataset") or "synthetic"
+    dataset = args.dataset or pretrain.get("dataset") or DEFAULT_DATASET
     same = dataset == pretrain.get("dataset")
     spec = EvalDataSpec(
         dataset=dataset,

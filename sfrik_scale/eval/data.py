@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import ViewAugmentation, build_dataset, build_eval_transform, build_view_transform, mix_seed
+from ..data.datasets import DEFAULT_DATASET, is_generated, path_option, reads_path
 
 _AUGMENT_STREAM = 0x1E7A
 
@@ -29,7 +30,7 @@ _AUGMENT_STREAM = 0x1E7A
 class EvalDataSpec:
     """A labelled dataset with a train and a val split."""
 
-    dataset: str = "synthetic"
+    dataset: str = DEFAULT_DATASET
     """A DATASETS name: synthetic, digits, image_folder, file_list."""
     train_path: Optional[str] = None
     """image_folder root or file_list file of the training split."""
@@ -50,29 +51,28 @@ class EvalDataSpec:
         """The ``(PIL image, label)`` dataset of ``split`` ("train" or "val"), untransformed."""
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-        if self.dataset == "synthetic":
-            size = self.synthetic_size if split == "train" else self.synthetic_val_size
-            return build_dataset("synthetic", split=split, image_size=self.image_size, seed=self.seed,
-                                 num_samples=size, num_classes=self.num_classes)
-        if self.dataset in ("image_folder", "file_list"):
+        if reads_path(self.dataset):
             path = self.train_path if split == "train" else self.val_path
+            key, what = path_option(self.dataset)
             if not path:
-                raise ValueError(f"dataset {self.dataset!r} needs --{split}-data (a "
-                                 f"{'folder root/<class>/<image>' if self.dataset == 'image_folder' else 'file list'})")
-            key = "root" if self.dataset == "image_folder" else "list_file"
+                raise ValueError(f"dataset {self.dataset!r} needs --{split}-data ({what})")
             return build_dataset(self.dataset, **{key: path}, strict=False)
+        if is_generated(self.dataset):
+            size = self.synthetic_size if split == "train" else self.synthetic_val_size
+            return build_dataset(self.dataset, split=split, image_size=self.image_size, seed=self.seed,
+                                 num_samples=size, num_classes=self.num_classes)
         return build_dataset(self.dataset, split=split, image_size=self.image_size)
 
     def describe(self) -> dict:
         keep = asdict(self)
-        if self.dataset != "synthetic":
+        if not is_generated(self.dataset):
             for k in ("num_classes", "synthetic_size", "synthetic_val_size", "seed"):
                 keep.pop(k)
         return keep
 
     def benchmark_name(self) -> str:
         """Default short name of the benchmark: the dataset, or the folder above the train data."""
-        if self.dataset in ("image_folder", "file_list") and self.train_path:
+        if reads_path(self.dataset) and self.train_path:
             from pathlib import Path
 
             p = Path(self.train_path).resolve()
@@ -83,7 +83,7 @@ class EvalDataSpec:
         """True when the train split is the pretraining run's data (not a transfer task)."""
         if not pretrain or pretrain.get("dataset") != self.dataset:
             return False
-        if self.dataset in ("image_folder", "file_list"):
+        if reads_path(self.dataset):
             from pathlib import Path
 
             return bool(pretrain.get("path")) and Path(pretrain["path"]).resolve() == Path(self.train_path or "").resolve()

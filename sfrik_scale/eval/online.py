@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import comm
+from ..data.datasets import reads_path
 from ..topology import Topology
 from .common import average_floating_state, gather_rows, sum_over_ranks, topk_correct
 from .data import EvalDataSpec, eval_view, num_classes_of
@@ -88,7 +89,7 @@ class OnlineEvaluator(NullOnlineEvaluator):
                 raise ValueError(f"online_eval.{name} must be >= {low}, got {getattr(s, name)}")
         if s.knn_temperature <= 0 or s.head_lr <= 0:
             raise ValueError("online_eval.knn_temperature and online_eval.head_lr must be > 0")
-        if data.dataset in ("image_folder", "file_list") and not s.val_path:
+        if reads_path(data.dataset) and not s.val_path:
             raise ValueError(f"online_eval.val_path: required with data.dataset={data.dataset} "
                              "(a held-out folder or list, e.g. ImageNet val)")
         spec = EvalDataSpec(dataset=data.dataset, train_path=data.path, val_path=s.val_path,

@@ -43,6 +43,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from ..optim import DEFAULT_OPTIMIZER
 from ..profiling.accounting import TensorByteTracker
 from .reference import paper_lars_step
 
@@ -224,7 +225,7 @@ class DeepSpeedEngine(_Engine):
     temporaries span all parameters at once)."""
 
     def __init__(self, model: nn.Module, tracker: TensorByteTracker, stage: int, precision: str, world: int,
-                 buckets: Optional[DeepSpeedBuckets] = None, optimizer: str = "lars",
+                 buckets: Optional[DeepSpeedBuckets] = None, optimizer: str = DEFAULT_OPTIMIZER,
                  batchnorm_fp32: bool = True, cuda: bool = True) -> None:
         from ..optim import build_optimizer
 
@@ -251,7 +252,6 @@ class DeepSpeedEngine(_Engine):
             with tracker.category("parameters"):
                 for p in self.params:  # DeepSpeed casts parameters only; buffers stay fp32
                     p.data = p.data.to(self.dtype)
-        self._optimizer_name = optimizer
         self._grad_hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
         if stage == 0:
             self._setup_stage0()
@@ -323,13 +323,13 @@ class DeepSpeedEngine(_Engine):
         """Create the optimiser's lazily made state now, in its own category. LARS: its momentum
         (one buffer per stepped tensor). AdamW and LAMB create their two moments themselves
         at the first step (filed under optimizer_step in a one-step simulation: run two)."""
-        if self._optimizer_name != "lars":
+        init_state = getattr(self.optimizer, "init_state", None)
+        if init_state is None:
             return
         for group in self.optimizer.param_groups:
             for p in group["params"]:
-                state = self.optimizer.state[p]
-                if (all_params or p.grad is not None) and "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
+                if all_params or p.grad is not None:
+                    init_state(p)
 
     # ---------------------------------------------------------------- stages 1 and 2
     def _setup_stage12(self) -> None:

@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..profiling.accounting import TensorByteTracker
+from ..optim import DEFAULT_OPTIMIZER
 from .engines import DDPAmpEngine, DeepSpeedBuckets, DeepSpeedEngine, PaperAssumptions
 
 Implementation = Literal["paper", "trainer"]
@@ -104,7 +105,7 @@ class Scenario:
     chunk_size: Optional[int] = None
     loss_options: Tuple[Tuple[str, Any], ...] = ()
     buckets: DeepSpeedBuckets = field(default_factory=DeepSpeedBuckets)
-    optimizer: str = "lars"
+    optimizer: str = DEFAULT_OPTIMIZER
     batchnorm_fp32: bool = True
     paper_assumptions: PaperAssumptions = field(default_factory=PaperAssumptions)
 
@@ -235,8 +236,6 @@ def simulate(scenario: Scenario, steps: Optional[int] = None) -> MemoryEstimate:
     from ..models import build_model
 
     s = scenario
-    if steps is None:
-        steps = 1 if s.implementation == "paper" or s.optimizer == "lars" else 2
     fake_world = s.world_size if s.implementation == "trainer" else 1
     # Fake tensors live on the CPU even for a CUDA scenario: autograd's engine needs a real
     # device for CUDA tensors. CUDA's allocator is modelled by its 512-byte block rounding.
@@ -254,6 +253,8 @@ def simulate(scenario: Scenario, steps: Optional[int] = None) -> MemoryEstimate:
         loss_fn = _build_loss(s, model.q)  # outside fake mode: kernel constants (b_0) need real numbers
         with mode, _AssumedScalars(), tracker, torch.device(device):
             engine = _build_engine(s, model, tracker, device)
+            if steps is None:  # an optimiser that makes its state ahead (init_state: LARS) needs one step
+                steps = 1 if s.implementation == "paper" or hasattr(engine.optimizer, "init_state") else 2
             records = [_step(s, model, engine, loss_fn, tracker, device) for _ in range(max(1, steps))]
     last = records[-1]
     return MemoryEstimate(scenario=s, peak_bytes=last["peak"], first_step_peak_bytes=records[0]["peak"],

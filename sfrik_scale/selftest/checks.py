@@ -69,17 +69,17 @@ def dali_part(quick: bool, work: str, timeout: float) -> dict:
     against the torchvision loader, on generated 500x375 JPEGs with the SFRIK views at 224 px."""
     import torch
 
-    from ..benchmarks.data import bench_data, write_jpegs
+    from ..benchmarks.data import DALI_GPU, TORCHVISION, bench_data, write_jpegs
 
     threads = min(len(os.sched_getaffinity(0)), 16)
     images = 256 if quick else 1024
     root = write_jpegs(str(Path(work) / "jpegs"), images)
     rows = bench_data(root, threads, batch_size=128, image_size=224, augmentations=SFRIK,
-                      epochs=1 if quick else 2, pipelines=["torchvision", "dali-gpu"], cpu_cost=False)
-    base = next(r for r in rows if r.pipeline == "torchvision").images_per_s
+                      epochs=1 if quick else 2, pipelines=[TORCHVISION, DALI_GPU], cpu_cost=False)
+    base = next(r for r in rows if r.pipeline == TORCHVISION).images_per_s
     table = [[r.pipeline, r.device, r.threads, round(r.images_per_s, 1), round(r.images_per_s / base, 2), r.images,
               round(r.seconds, 2)] for r in rows]
-    gpu = next(r for r in rows if r.pipeline == "dali-gpu")
+    gpu = next(r for r in rows if r.pipeline == DALI_GPU)
     return {"checks": [{"name": "DALI mixed decoding yields batches", "ok": gpu.images > 0,
                         "detail": f"{gpu.images_per_s:,.0f} images/s, {gpu.images_per_s / base:.2f}x torchvision"}],
             "device": torch.cuda.get_device_name(0),
