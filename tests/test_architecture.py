@@ -114,7 +114,7 @@ LAYER_RULES = [
     # runtime profiling sits below the trainer; simulation and planning beside the command line
     (("profiling",), ("planning", "train", "pretrain", "cli", "eval")),
     # storage, checkpoints, the monitor and the leaf modules know no model or config
-    (("errors", "helptext", "registry", "storage", "hooks", "checkpoint", "monitor"),
+    (("errors", "helptext", "registry", "storage", "hooks", "checkpoint", "elastic", "monitor"),
      ("config", "models", "train", "eval", "planning", "cli", "pretrain")),
     # nothing below the command line imports it
     (("kernels", "comm", "gram", "losses", "models", "optim", "data", "config", "ds_config", "train", "eval",
