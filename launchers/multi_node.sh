@@ -23,7 +23,8 @@
 #
 # Environment that reaches the remote ranks: DeepSpeed forwards every variable whose name
 # starts with PYTHON (PYTHONPATH, with this directory prepended) and the accelerator's
-# (NCCL_*, ...); this script adds PATH, VIRTUAL_ENV, DS_ACCELERATOR, OMP_NUM_THREADS and
+# (NCCL_*, ...); this script adds SFRIK_HOSTFILE_HOSTS (the hosts in order, so that a rank
+# names its node as the hostfile does), PATH, VIRTUAL_ENV, DS_ACCELERATOR, OMP_NUM_THREADS and
 # TORCH_EXTENSIONS_DIR when set, the names listed in FORWARD_ENV, and then the lines of
 # .deepspeed_env in this directory and in $HOME (NAME=value, e.g. NCCL_SOCKET_IFNAME=ib0;
 # blank and # lines are skipped; these win). Values must not contain double quotes.
@@ -137,7 +138,9 @@ fi
 # -- the environment file DeepSpeed's runner reads (DS_ENV_FILE), merged from the sources above
 envfile=$(mktemp "${TMPDIR:-/tmp}/sfrik-deepspeed-env.XXXXXX")
 trap 'rm -f "$envfile"' EXIT
-for name in PATH VIRTUAL_ENV DS_ACCELERATOR OMP_NUM_THREADS TORCH_EXTENSIONS_DIR ${FORWARD_ENV:-}; do
+# the hosts in hostfile order: rank records and failure messages name a node as the hostfile does
+SFRIK_HOSTFILE_HOSTS="${hosts[*]:0:$used}"
+for name in SFRIK_HOSTFILE_HOSTS PATH VIRTUAL_ENV DS_ACCELERATOR OMP_NUM_THREADS TORCH_EXTENSIONS_DIR ${FORWARD_ENV:-}; do
     if [[ -n "${!name+x}" ]]; then printf '%s=%s\n' "$name" "${!name}" >> "$envfile"; fi
 done
 for f in "$HOME/.deepspeed_env" ./.deepspeed_env; do

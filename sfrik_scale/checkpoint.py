@@ -13,6 +13,12 @@ in turn). Resuming verifies them first: a checkpoint with a truncated, altered o
 file, or one that DeepSpeed cannot load, is renamed ``damaged-stepN`` (kept for inspection,
 never resumed from or pruned), named in a one-line warning, and the newest checkpoint that
 verifies is loaded instead (``train.on_damaged_checkpoint=stop``: a one-line error).
+
+The marker also records the world size, ZeRO stage, precision and global batch that wrote the
+checkpoint. A checkpoint written by another world size is resumed (``sfrik_scale.elastic``:
+ZeRO 0-2, the global batch unchanged) and announced in one line; what cannot be resumed (a
+changed global batch, ZeRO stage or precision; ZeRO 3 on another world size) stops every
+rank with one line (ElasticResumeError), the checkpoint left as it is.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
-from . import comm
+from . import comm, elastic
 from .errors import RaisedOnEveryRank
 from .storage import atomic_write_text
 
@@ -227,7 +233,8 @@ def save_checkpoint(engine: Any, run_dir: Union[str, Path], step: int, client_st
     problem = None
     if rank == 0:
         try:
-            atomic_write_text(folder / COMPLETE_MARKER, json.dumps({"step": step, "files": manifest}, indent=1) + "\n")
+            marker = {"step": step, **elastic.run_facts(engine, comm.rank_and_world()[1]), "files": manifest}
+            atomic_write_text(folder / COMPLETE_MARKER, json.dumps(marker, indent=1) + "\n")
             atomic_write_text(root / LATEST_POINTER, tag + "\n")
         except OSError as err:
             (folder / COMPLETE_MARKER).unlink(missing_ok=True)
@@ -277,9 +284,14 @@ def _set_aside(run_dir: Union[str, Path], tag: str) -> str:
 
 
 def load_checkpoint(engine: Any, run_dir: Union[str, Path], rank: int, on_damaged: str = "fall_back",
-                    warn: Any = None) -> Optional[dict]:
+                    warn: Any = None, announce: Any = None) -> Optional[dict]:
     """Resume from the newest complete checkpoint that verifies; returns its client state, or
     None when there is no complete checkpoint.
+
+    A checkpoint written by another world size is loaded by `elastic.load_resharded` and
+    announced through ``announce`` (one line, rank 0; ``warn`` when None); a rank without an
+    RNG file of its own is seeded from (train.seed, step, rank). One that this run cannot
+    resume (`elastic.refusal`) raises `elastic.ElasticResumeError` on every rank.
 
     Rank 0 lists the tags and every rank tries the same ones, newest first, so ranks cannot
     disagree even if a save finished between their directory listings. A tag is tried by
@@ -294,12 +306,21 @@ def load_checkpoint(engine: Any, run_dir: Union[str, Path], rank: int, on_damage
     rank, world = comm.rank_and_world()
     root = checkpoint_root(run_dir)
     damaged: list[str] = []
+    now = elastic.run_facts(engine, world)
     for tag in reversed(tags):
+        saved = elastic.saved_facts(root / tag / COMPLETE_MARKER) or {}  # the same file on every rank
+        refused = elastic.refusal(saved, now, tag)
+        if refused is not None:
+            raise elastic.ElasticResumeError(refused)
+        saved_world = saved.get("world_size", world)
         text = verify_problem(root / tag, rank, world)  # the same answer on every rank
         if text is None:
             problem = None
             try:
-                load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
+                if saved_world != world:
+                    load_path, client_state = elastic.load_resharded(engine, root, tag, saved_world)
+                else:
+                    load_path, client_state = engine.load_checkpoint(str(root), tag=tag)
                 if load_path is None:
                     problem = "DeepSpeed found nothing to load"
             except Exception as err:  # noqa: BLE001 - any load failure: agreed, reported, fallen back from
@@ -322,10 +343,15 @@ def load_checkpoint(engine: Any, run_dir: Union[str, Path], rank: int, on_damage
             continue
         if damaged and rank == 0:
             atomic_write_text(root / LATEST_POINTER, tag + "\n")
+        client_state = dict(client_state or {})
         rng_path = root / tag / f"rng_rank{rank}.pt"
         if rng_path.is_file():
             _set_rng_state(torch.load(rng_path, weights_only=True))
-        client_state = dict(client_state or {})
+        elif saved_world != world:  # the job grew: this rank has no stream of its own to continue
+            seed = client_state.get("config", {}).get("train", {}).get("seed", 0)
+            elastic.seed_fresh_rng(seed, step_of(tag), rank)
+        if saved_world != world and rank == 0 and (announce or warn) is not None:
+            (announce or warn)(elastic.describe_change(saved_world, world, engine, client_state))
         client_state["tag"] = tag
         return client_state
     raise DamagedCheckpointError(

@@ -24,6 +24,13 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+# DeepSpeed's comm (ours, whose profiler and logger see every collective, and ZeRO's own
+# partition gathers) still calls torch's all_gather_into_tensor, which torch >= 2.14 deprecates
+# with a FutureWarning on every rank, again after every change of the warning filters. It is not
+# the user's to act on: ignored for the process, from the first import of this module.
+_GATHER_DEPRECATION = r"`?torch\.distributed\.all_gather_into_tensor`? is deprecated"
+warnings.filterwarnings("ignore", message=_GATHER_DEPRECATION, category=FutureWarning)
+
 Group = Optional[Any]
 
 
@@ -104,11 +111,7 @@ def all_gather_tensor(tensor: torch.Tensor, group: Group = None) -> torch.Tensor
     if backend is dist and hasattr(dist, "all_gather_single"):
         dist.all_gather_single(out, tensor, group=group)  # torch >= 2.14's name for it
         return out
-    # DeepSpeed's comm (its profiler and logger see every collective) still calls torch's
-    # all_gather_into_tensor, which torch >= 2.14 deprecates with a FutureWarning per rank.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-        backend.all_gather_into_tensor(out, tensor, group=group)
+    backend.all_gather_into_tensor(out, tensor, group=group)  # DeepSpeed's comm: see _GATHER_DEPRECATION
     return out
 
 

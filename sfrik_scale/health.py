@@ -118,7 +118,9 @@ class RankHealth:
                 if now - self._started > self.peer_timeout_s:
                     out.append((r, f"no heartbeat since this rank started {now - self._started:.0f} s ago"))
                 continue
-            where = f"pid {rec.get('pid')} on {rec.get('node') or rec.get('host')} (node rank {rec.get('node_rank', 0)})"
+            node, host = rec.get("node") or rec.get("host"), rec.get("host")
+            also = f"host {host}, " if host and host != node else ""  # a hostfile alias: name both
+            where = f"pid {rec.get('pid')} on {node} ({also}node rank {rec.get('node_rank', 0)})"
             if rec.get("status") == "failed":  # recorded as it raised: the step is exact
                 out.append((r, f"raised: {rec.get('error')} ({where}, at step {rec.get('step')})"))
                 continue

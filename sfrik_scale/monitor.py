@@ -50,9 +50,10 @@ class Monitor:
             self.summary.setdefault("epochs", [])
 
     # -- console --------------------------------------------------------------------
-    def print(self, *args: Any) -> None:
+    def print(self, *args: Any, soft_wrap: bool = False) -> None:
+        """Rank 0's console; ``soft_wrap``: one line however long (for grep in a job's log)."""
         if self.console is not None:
-            self.console.print(*args)
+            self.console.print(*args, soft_wrap=soft_wrap)
 
     def print_header(self, rows: list[tuple[str, str]]) -> None:
         if self.console is None:

@@ -44,11 +44,17 @@ def first_host(nodelist: str) -> str:
 def node_identity(env: Mapping[str, str] = os.environ) -> tuple[str, int]:
     """(node name, node rank) of this process: SLURM's SLURMD_NODENAME / SLURM_NODEID, the deepspeed
     launcher's CROSS_RANK (the host's position in the hostfile), torchrun's GROUP_RANK; else the
-    host name and 0. Named in the rank health records and in a failed peer's message."""
+    host name and 0. Under launchers/multi_node.sh the name is the host's name in the hostfile
+    (SFRIK_HOSTFILE_HOSTS, the hosts in order, indexed by CROSS_RANK): the name the user gave
+    the node, which may differ from its own host name. Named in the rank health records and in
+    a failed peer's message."""
     name = env.get("SLURMD_NODENAME") or socket.gethostname()
     for key in ("SLURM_NODEID", "CROSS_RANK", "GROUP_RANK"):
         value = env.get(key, "")
         if value.isdigit():
+            hosts = env.get("SFRIK_HOSTFILE_HOSTS", "").split()
+            if key == "CROSS_RANK" and not env.get("SLURMD_NODENAME") and int(value) < len(hosts):
+                name = hosts[int(value)]
             return name, int(value)
     return name, 0
 

@@ -150,7 +150,8 @@ class Trainer:
     def resume(self) -> None:
         client = load_checkpoint(self.engine, self.run_dir, self.topo.rank,
                                  on_damaged=self.cfg.train.on_damaged_checkpoint,
-                                 warn=lambda text: self.monitor.print(f"[bold yellow]warning:[/] {text}"))
+                                 warn=lambda text: self.monitor.print(f"[bold yellow]warning:[/] {text}"),
+                                 announce=lambda text: self.monitor.print(text, soft_wrap=True))
         if client is None:
             return
         saved = client.get("train_state", {})

@@ -114,7 +114,7 @@ LAYER_RULES = [
     # runtime profiling sits below the trainer; simulation and planning beside the command line
     (("profiling",), ("planning", "train", "pretrain", "cli", "eval")),
     # storage, checkpoints, the monitor, the leaf modules and the trainer's collaborators know no model or config
-    (("errors", "helptext", "registry", "storage", "hooks", "checkpoint", "monitor", "checkpoint_policy",
+    (("errors", "helptext", "registry", "storage", "hooks", "checkpoint", "elastic", "monitor", "checkpoint_policy",
       "preemption", "epoch_tally", "nonfinite"),
      ("config", "models", "train", "eval", "planning", "cli", "pretrain")),
     # nothing below the command line imports it

@@ -319,9 +319,9 @@ def _comms_logger_worker(rank: int, world: int) -> list:
     import warnings
 
     z = batch(N_PER_RANK, Q, seed=rank).requires_grad_(True)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:  # the process's own filters, recorded
         kernel_mean(z, make_kernels(Q)["legendre3"]).backward()
+        dscomm.all_gather_into_tensor(torch.empty(2 * N_PER_RANK, Q, dtype=z.dtype), z.detach())  # as ZeRO gathers
     ops = sorted(dscomm.comms_logger.comms_dict)
     return ops, [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
 
@@ -340,8 +340,7 @@ def _collective_warnings_worker(rank: int, world: int) -> list:
 
     torch.manual_seed(rank)
     z = F.normalize(torch.randn(8, 16, dtype=torch.float64), dim=1).requires_grad_()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:  # the process's own filters, recorded
         kernel_mean(z, TruncatedLegendre([1.0, 40.0], q=16), chunk_size=3).backward()
         comm.all_gather_tensor(torch.ones(2) * rank)
         comm.all_gather_rows(z.detach())
@@ -351,5 +350,6 @@ def _collective_warnings_worker(rank: int, world: int) -> list:
 
 
 def test_collectives_raise_no_deprecation_warning_on_any_rank():
-    """Each rank printed torch's FutureWarning about all_gather_into_tensor once per process."""
+    """Each rank printed torch's FutureWarning about all_gather_into_tensor (once per process, and
+    again after every change of the warning filters)."""
     assert run_ranks(_collective_warnings_worker, 2) == [[], []]

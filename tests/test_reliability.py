@@ -328,6 +328,34 @@ def test_a_killed_peer_is_named_with_the_step_it_last_reached(tmp_path):
         me.close()
 
 
+def test_a_failed_peer_is_named_by_its_hostfile_name_and_host(tmp_path, monkeypatch):
+    """Under multi_node.sh (SFRIK_HOSTFILE_HOSTS, CROSS_RANK) a rank's node is its hostfile name;
+    a failed peer's message names that, its host name when different, and its node rank."""
+    import socket
+
+    from sfrik_scale.health import RankHealth
+    from sfrik_scale.topology import node_identity
+
+    hosts = {"SFRIK_HOSTFILE_HOSTS": "node1 node2"}
+    assert node_identity({**hosts, "CROSS_RANK": "1"}) == ("node2", 1)
+    assert node_identity({**hosts, "CROSS_RANK": "2"}) == (socket.gethostname(), 2)  # not in the list
+    assert node_identity({**hosts, "SLURMD_NODENAME": "n7", "SLURM_NODEID": "1"}) == ("n7", 1)  # SLURM's
+    me = RankHealth(tmp_path, rank=0, world_size=2, peer_timeout_s=1000, interval_s=1000)
+    monkeypatch.setenv("SFRIK_HOSTFILE_HOSTS", "node1 node2")
+    monkeypatch.setenv("CROSS_RANK", "1")
+    peer = RankHealth(tmp_path, rank=1, world_size=2, peer_timeout_s=1000, interval_s=1000)
+    me.dir = peer.dir
+    try:
+        record = json.loads((peer.dir / "rank1.json").read_text())
+        assert (record["node"], record["node_rank"]) == ("node2", 1)
+        (peer.dir / "rank1.json").write_text(json.dumps({**record, "time": time.time() - 2000}))
+        (rank, why), = me.failed_peers()
+        assert rank == 1 and f"pid {record['pid']} on node2 (host {socket.gethostname()}, node rank 1)" in why, why
+    finally:
+        peer.close()
+        me.close()
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_an_unwritable_run_dir_is_one_line_on_every_rank(tmp_path):

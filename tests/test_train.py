@@ -53,8 +53,12 @@ def check_ok(proc: subprocess.CompletedProcess) -> None:
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_launcher_two_cpu_ranks_bf16(tmp_path, stage):
     run = tmp_path / f"zero{stage}"
-    check_ok(pretrain(run, "train.max_steps=3", f"deepspeed.zero_stage={stage}", "deepspeed.precision=bf16",
-                      procs=2))
+    proc = pretrain(run, "train.max_steps=3", f"deepspeed.zero_stage={stage}", "deepspeed.precision=bf16",
+                    procs=2)
+    check_ok(proc)
+    # torch's deprecation of all_gather_into_tensor (DeepSpeed's comm and ZeRO's gathers call it)
+    # is not the user's to act on: no rank prints it (it came back after every warning-filter change)
+    assert "FutureWarning" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
     s = summary(run)
     assert s["final_step"] == 3 and len(s["loss_history"]) == 3
     assert all(torch.isfinite(torch.tensor(s["loss_history"])))

@@ -2,6 +2,8 @@
 (loopback aliases with their own sshd), and the hostfile inputs it must refuse."""
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ._common import CONFIG, LAUNCHERS, STEPS, env, probed, rank_records, summary
+from . import harness
 from .harness import NODES, UNREACHABLE
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.distributed]
@@ -111,3 +114,110 @@ def test_a_host_that_never_answers_is_one_line_within_the_ssh_timeout(cluster, t
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot reach node3 over ssh" in lines[0], proc.stderr
     assert elapsed < 2 + 5 + 8, elapsed  # SSH_TIMEOUT + the hard bound's margin + the config check
+
+
+# ------------------------------------------------------------------ a node lost mid-run
+def _ppid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def _node_tree(probe: Path, addr: str) -> list[int]:
+    """Every process a node runs for the job: the processes under the sshd session that the
+    launcher's ssh opened on `addr` (the session itself, the shell, DeepSpeed's per-node
+    launcher, the ranks), found from the probe records of the Python processes started there."""
+    daemons = {v["pid"] for v in harness._pids().values()}
+    tops = set()
+    for rec in probed(probe):
+        conn = rec["env"].get("SSH_CONNECTION", "").split()
+        if len(conn) < 3 or conn[2] != addr or not _alive(rec["pid"]):
+            continue
+        top = rec["pid"]
+        while _ppid(top) not in daemons and _ppid(top) > 1:  # up to the child of node2's sshd listener
+            top = _ppid(top)
+        assert _ppid(top) in daemons, f"no sshd listener above {rec['pid']}"
+        tops.add(top)
+    return sorted({p for t in tops for p in (t, *_descendants(t))})
+
+
+def test_a_node_killed_mid_run_stops_the_job_and_the_same_command_resumes(cluster, tmp_path):
+    """SIGKILL of every process of node 2 (rank 1) after a complete checkpoint: rank 0 stops
+    within train.peer_timeout_s with one line naming rank 1, its pid and node; the launcher
+    exits non-zero with nothing left running; the same command resumes from the last complete
+    checkpoint and finishes."""
+    from sfrik_scale.checkpoint import latest_complete
+
+    peer_timeout = 10
+    probe = tmp_path / "probe"
+    (tmp_path / ".deepspeed_env").write_text(f"SFRIK_ENV_PROBE={probe / 'records'}\n")
+    (tmp_path / "hosts").write_text("node1 slots=1\nnode2 slots=1\n")
+    args = [LAUNCH, "hosts", *CONFIG, "train.run_dir=run", f"train.peer_timeout_s={peer_timeout}",
+            "train.checkpoint_every_steps=10"]
+    run = tmp_path / "run"
+    log = (tmp_path / "first.log").open("w")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env(probe), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while latest_complete(run) is None:
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            assert time.time() < deadline, "no complete checkpoint within 120 s"
+            time.sleep(0.1)
+        ranks = {int(r["env"]["RANK"]): r["pid"] for r in probed(probe) if "RANK" in r["env"]}
+        node2 = _node_tree(probe, NODES["node2"])
+        assert ranks[1] in node2 and ranks[0] not in node2, (ranks, node2)
+        records = rank_records(run)
+        killed = time.time()
+        for pid in node2:
+            os.kill(pid, signal.SIGKILL)
+        while _alive(ranks[0]) and time.time() < killed + peer_timeout + 10:
+            time.sleep(0.1)
+        rank0_s = time.time() - killed
+        code = proc.wait(timeout=peer_timeout + 30)
+        launcher_s = time.time() - killed
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    out = (tmp_path / "first.log").read_text()
+    assert rank0_s < peer_timeout + 3, (rank0_s, out[-3000:])
+    assert code != 0, out[-3000:]
+    assert launcher_s < peer_timeout + 20, (launcher_s, out[-3000:])
+    named = [line for line in out.splitlines() if "rank 1 failed" in line]
+    assert named, out[-3000:]
+    assert records[1]["node"] == "node2"  # the hostfile's name (both "nodes" share one host name here)
+    where = f"pid {ranks[1]} on node2 (host {records[1]['host']}, node rank 1)"
+    assert where in named[0], named[0]
+    left = [r["pid"] for r in probed(probe) if _alive(r["pid"])]
+    assert not left, f"still running after the launcher exited: {left}"
+    tag = latest_complete(run)
+
+    start = time.time()
+    again = subprocess.run(args, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    resumed = [line for line in (again.stdout + again.stderr).splitlines() if "resumed" in line]
+    assert resumed and f"from {tag} " in resumed[0], resumed
+    assert summary(run)["final_step"] == STEPS
+    print(f"node 2 killed after {tag}: rank 0 out in {rank0_s:.1f} s, launcher (exit {code}) in "
+          f"{launcher_s:.1f} s; resumed run {time.time() - start:.1f} s; rank 0 said: {named[0].strip()}")

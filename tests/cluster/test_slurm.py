@@ -52,7 +52,7 @@ def log_of(cwd: Path, job_id: int) -> str:
     return (cwd / f"slurm-sfrik-{job_id}.out").read_text()  # where the #SBATCH --output line puts it
 
 
-def check_mapping(run: Path, probe: Path, nodes: list[str]) -> None:
+def check_mapping(run: Path, probe: Path, nodes: list[str], master_addr_exported: bool = True) -> None:
     """Each rank's place as the trainer mapped it (its health record) against what srun gave its
     process (the environment probe, matched by PID)."""
     records = rank_records(run)
@@ -65,7 +65,8 @@ def check_mapping(run: Path, probe: Path, nodes: list[str]) -> None:
         assert rec["node"] == e["SLURMD_NODENAME"] == nodes[rank]
         assert rec["node_rank"] == int(e["SLURM_NODEID"])
         assert e["SLURM_JOB_NODELIST"] == ("node1" if set(nodes) == {"node1"} else "node[1-2]")
-        assert "RANK" not in e and "MASTER_ADDR" in e  # the batch script exports MASTER_ADDR; ranks are mapped
+        assert "RANK" not in e  # ranks are mapped from SLURM's variables
+        assert ("MASTER_ADDR" in e) == master_addr_exported  # slurm.sbatch exports it; else the first node
 
 
 def test_two_tasks_on_one_node_run_to_completion(cluster, reference, tmp_path):
@@ -142,3 +143,31 @@ def test_a_job_cancelled_outright_keeps_its_checkpoint_and_a_resubmission_resume
     s = summary(run)
     assert s["final_step"] == STEPS and s["loss_history"] == reference
     print(f"sbatch cancelled at checkpoint {tag}, resubmitted, resumed: {time.time() - start:.1f} s")
+
+
+def test_deepspeed_launcher_slurm_route_inside_an_allocation(cluster, reference, tmp_path):
+    """`deepspeed --launcher slurm` run inside an sbatch allocation: DeepSpeed's runner starts the
+    ranks with `srun -n 2` and sets no RANK/WORLD_SIZE/MASTER_*; the trainer maps SLURM's variables
+    (MASTER_ADDR = the allocation's first node). It needs the script's path (the console script):
+    the slurm runner ignores --module. The uninterrupted trajectory, bit for bit."""
+    start = time.time()
+    (tmp_path / "hosts").write_text("node1 slots=1\nnode2 slots=1\n")
+    run = tmp_path / "run"
+    script = tmp_path / "ds-slurm.sh"
+    script.write_text("#!/usr/bin/env bash\n#SBATCH --output=slurm-sfrik-%j.out\nset -euo pipefail\n"
+                      'exec deepspeed --launcher slurm --hostfile hosts "$(command -v sfrik-scale)" pretrain "$@"\n')
+    e = env(tmp_path / "probe")
+    e.update(SLURM_CONF=harness.env()["SLURM_CONF"], SFRIK_ENV_PROBE=str(tmp_path / "probe" / "records"))
+    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}", "--nodes=2", "--ntasks-per-node=1",
+                           "--cpus-per-task=1", str(script), *CONFIG, f"train.run_dir={run}"],
+                          cwd=tmp_path, env=e, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job_id = int(proc.stdout.strip().split(";")[0])
+    info = wait_done(job_id)
+    log = log_of(tmp_path, job_id)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "cmd = srun -n 2" in log and "processes  2 (slurm)" in log
+    assert "FutureWarning" not in log and "Traceback" not in log
+    assert summary(run)["loss_history"] == reference
+    check_mapping(run, tmp_path / "probe", ["node1", "node2"], master_addr_exported=False)
+    print(f"deepspeed --launcher slurm, 2 nodes, {STEPS} steps: {time.time() - start:.1f} s")
