@@ -48,6 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in _PASS_THROUGH:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if argv is None and args.command == "pretrain" and args.handler is pretrain.main_pretrain:
+        pretrain.hold_stop_signals()  # a process started to pretrain: see sfrik_scale.preemption
     quiet_cpu_accelerator()
     return run_command(args.command, lambda: args.handler(args, extra))
 

@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 
 # DeepSpeed's comm (ours, whose profiler and logger see every collective, and ZeRO's own
-# partition gathers) still calls torch's all_gather_into_tensor, which torch >= 2.14 deprecates
+# partition gathers and ZeRO 3's reduce-scatters) still calls torch's all_gather_into_tensor
+# and reduce_scatter_tensor, which torch >= 2.14 deprecates
 # with a FutureWarning on every rank, again after every change of the warning filters. It is not
 # the user's to act on: ignored for the process, from the first import of this module.
-_GATHER_DEPRECATION = r"`?torch\.distributed\.all_gather_into_tensor`? is deprecated"
+_GATHER_DEPRECATION = r"`?torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)`? is deprecated"
 warnings.filterwarnings("ignore", message=_GATHER_DEPRECATION, category=FutureWarning)
 
 Group = Optional[Any]

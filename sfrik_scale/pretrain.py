@@ -17,7 +17,20 @@ from typing import Optional, Sequence
 
 from .errors import run_command
 from .helptext import plain
-from .topology import quiet_cpu_accelerator
+from .preemption import StopRequest, ignore_stop_signals
+
+#: the process's stop request (SIGTERM/SIGUSR1), installed by `hold_stop_signals`; see preemption.py
+_stop: Optional[StopRequest] = None
+
+
+def hold_stop_signals() -> None:
+    """For a process started to pretrain (the entry points call it with no argv, i.e. not from a
+    test): from now on SIGTERM/SIGUSR1 ask for a checkpoint at the first step instead of killing
+    the start-up, and after training they are ignored."""
+    global _stop
+    if _stop is None:
+        _stop = StopRequest()
+    _stop.install()
 
 
 def add_commands(subparsers) -> None:
@@ -68,8 +81,13 @@ def main_pretrain(args: argparse.Namespace, extra: Sequence[str] = ()) -> int:
     from .topology import init_distributed
     from .train import Trainer
 
-    topo = init_distributed(args.local_rank, timeout_s=cfg.train.collective_timeout_s)
-    return Trainer(cfg, topo, hooks=[OnlineEvaluator.from_config]).run()
+    stop = _stop if _stop is not None and _stop.installed else None  # the process's, see hold_stop_signals
+    try:
+        topo = init_distributed(args.local_rank, timeout_s=cfg.train.collective_timeout_s)
+        return Trainer(cfg, topo, hooks=[OnlineEvaluator.from_config], stop=stop).run()
+    finally:
+        if stop is not None:
+            ignore_stop_signals()  # training is over: a late signal must not kill the shutdown
 
 
 def _show_config(args: argparse.Namespace, extra: Sequence[str]) -> int:
@@ -96,6 +114,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_arguments(parser)
     args, extra = parser.parse_known_args(argv)
+    if argv is None and not (args.list_recipes or args.show_config or args.check_world_size is not None):
+        hold_stop_signals()  # before torch loads: a preemption signal is honoured from here on
+    from .topology import quiet_cpu_accelerator
+
     quiet_cpu_accelerator()
     return run_command("pretrain", lambda: main_pretrain(args, extra))
 

@@ -66,16 +66,19 @@ class TrainState:
 class Trainer:
     """SSL pretraining with a DeepSpeed engine. ``Trainer(cfg, topo).run()`` is the whole job."""
 
-    def __init__(self, cfg: Config, topo: Topology, hooks: Sequence[HookFactory] = ()) -> None:
+    def __init__(self, cfg: Config, topo: Topology, hooks: Sequence[HookFactory] = (),
+                 stop: Optional[StopRequest] = None) -> None:
         """``hooks``: factories of the `sfrik_scale.hooks.TrainerHook` s the loop calls (the online
-        evaluation, which ``sfrik_scale.pretrain`` passes); none by default."""
+        evaluation, which ``sfrik_scale.pretrain`` passes); none by default. ``stop``: a stop
+        request installed earlier (``sfrik_scale.pretrain`` installs one before anything heavy
+        loads); else one of its own, installed by `run`."""
         self.cfg = cfg
         self.topo = topo
         self.hook_factories = tuple(hooks)
         self.hooks: list = []
         self.run_dir = Path(cfg.train.run_dir)
         self.state = TrainState()
-        self.stop = StopRequest()  # SIGTERM/SIGUSR1 once run() installs it
+        self.stop = stop if stop is not None else StopRequest()  # SIGTERM/SIGUSR1, installed by run()
         self.tally: Optional[EpochTally] = None  # the current epoch's accounting
         self.resumed_from: Optional[str] = None
         self.profiler = NullProfiler()

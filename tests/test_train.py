@@ -134,6 +134,51 @@ def test_preemption_signal_checkpoints_and_exits_for_requeue(tmp_path, sig):
     assert summary(run)["final_step"] == step + 1
 
 
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` (the SigCgt mask of /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc")
+def test_a_preemption_signal_during_start_up_is_honoured_at_the_first_step(tmp_path):
+    """SIGUSR1 as soon as the process can take it, while torch, DeepSpeed and the data load:
+    not killed (SIGUSR1's default action), but a checkpoint at step 1 and exit 75 for requeue."""
+    run = tmp_path / "early"
+    cmd = [sys.executable, "-m", "sfrik_scale.pretrain", *TINY, f"train.run_dir={run}", "train.epochs=100"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while proc.poll() is None and not _catches(proc.pid, signal.SIGUSR1) and time.time() < deadline:
+        time.sleep(0.005)
+    maps = Path(f"/proc/{proc.pid}/maps").read_text()
+    proc.send_signal(signal.SIGUSR1)
+    assert "libtorch" not in maps, "the handler came only after torch loaded"  # i.e. well before training
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, out[-3000:]
+    assert (run / "checkpoints" / "latest_complete").read_text().strip() == "step000000001", out[-3000:]
+    assert "preempted: checkpoint at step 1" in out
+
+
+def test_stop_signals_are_ignored_once_training_is_over():
+    """After training a stop signal must not kill the shutdown (Python gives the handlers it
+    installed back the default action, terminate, while it finalises; an ignored one stays)."""
+    code = ("import os, signal\n"
+            "from sfrik_scale.preemption import STOP_SIGNALS, StopRequest, ignore_stop_signals\n"
+            "StopRequest().install()\n"
+            "ignore_stop_signals()\n"
+            "for sig in STOP_SIGNALS:\n"
+            "    assert signal.getsignal(sig) is signal.SIG_IGN\n"
+            "    os.kill(os.getpid(), sig)\n"
+            "print('alive')\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "alive"), proc.stderr
+
+
 # ------------------------------------------------------------------ smoke: the loss falls
 @pytest.mark.slow
 def test_demo_like_run_loss_is_finite_and_falls(tmp_path):

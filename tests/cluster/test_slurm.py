@@ -4,6 +4,7 @@ completion with 2 tasks on one node and on two nodes, the SLURM variable mapping
 count that does not divide the global batch."""
 from __future__ import annotations
 
+import math
 import subprocess
 import time
 from pathlib import Path
@@ -171,3 +172,30 @@ def test_deepspeed_launcher_slurm_route_inside_an_allocation(cluster, reference,
     assert summary(run)["loss_history"] == reference
     check_mapping(run, tmp_path / "probe", ["node1", "node2"], master_addr_exported=False)
     print(f"deepspeed --launcher slurm, 2 nodes, {STEPS} steps: {time.time() - start:.1f} s")
+
+
+def test_the_time_limit_signal_route_checkpoints_requeues_and_finishes(cluster, tmp_path):
+    """`--time=2 --signal=USR1@60`: SLURM itself sends SIGUSR1 to the tasks (not the batch shell)
+    about a minute before the time limit (its timer fired 4-11 s early in our trials); every
+    rank checkpoints at the next step boundary and exits 75, the script requeues, and the
+    requeued job resumes (signalled again if it is still running then) until it finishes. 900
+    steps (70-100 s of training here, after about 16 s of start-up; the signal came after
+    330-490 steps in our runs) so that the first signal lands mid-run. A signal that comes after training ended must not kill a task either: Python
+    restores the default action (terminate) while it shuts down."""
+    start = time.time()
+    steps = 900
+    long_run = [*CONFIG, f"train.max_steps={steps}", f"train.epochs={steps // 4}"]
+    job_id = submit(tmp_path, "--nodes=2", "--ntasks-per-node=1", "--time=2", "--signal=USR1@60", args=long_run)
+    info = wait_done(job_id, timeout=480)  # COMPLETED only at the very end: a requeued job is PENDING meanwhile
+    log = log_of(tmp_path, job_id)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert int(info["Restarts"]) >= 1, f"finished before SLURM's signal: {log[-2000:]}"
+    assert "batch script got SIGUSR1" not in log  # the tasks got it from SLURM, not through the batch shell
+    assert f"requeueing job {job_id}" in log and "preempted: checkpoint at step" in log, log[-3000:]
+    s = summary(tmp_path / "runs" / f"sfrik-{job_id}")
+    assert s["final_step"] == steps and len(s["loss_history"]) == steps
+    assert all(math.isfinite(v) for v in s["loss_history"])
+    at = [line.split("preempted: checkpoint at step ")[1].split(";")[0] for line in log.splitlines()
+          if "preempted: checkpoint at step" in line]
+    print(f"sbatch --time=2 --signal=USR1@60, {steps} steps, preempted at step(s) {', '.join(at)}, "
+          f"{info['Restarts']} restart(s): {time.time() - start:.1f} s")
