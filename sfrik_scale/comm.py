@@ -17,6 +17,7 @@ the single-process gradient on the concatenated batch.
 """
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from typing import Any, Optional, Sequence
@@ -136,6 +137,17 @@ def is_communication_error(err: BaseException) -> bool:
     text = str(err).lower()
     return isinstance(err, RuntimeError) and any(
         word in text for word in ("gloo", "nccl", "connection", "peer", "timed out", "socket"))
+
+
+def short_error(err: BaseException, limit: int = 160) -> str:
+    """The gist of an error in one short line: a gloo/NCCL message loses its source location
+    ("[.../pair.cc:545] ") and its advice after the first sentence."""
+    text = " ".join(str(err).split())
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp|py):\d+\]\s*", "", text)
+    if is_communication_error(err):
+        text = text.split(". ", 1)[0].rstrip(".")
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _flag_device(group: Group) -> torch.device:

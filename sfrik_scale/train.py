@@ -459,6 +459,9 @@ class Trainer:
             text = f"{type(err).__name__}: {err}".strip()
             peers = self.health.peers_to_blame(err)
             self.health.mark("failed", text[:2000])
+            if peers and comm.is_communication_error(err):  # the peer's failure broke our collective
+                raise RankFailureError(f"rank {self.topo.rank} stopped because {peers} (then this rank's "
+                                       f"collective failed: {comm.short_error(err)})") from err
             if peers:
                 raise RankFailureError(f"rank {self.topo.rank} stopped ({text[:300]}); {peers}") from err
             raise

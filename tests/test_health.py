@@ -72,3 +72,16 @@ def test_a_broken_collective_waits_until_the_silent_peer_is_named(tmp_path):
     finally:
         peer.close()
         me.close()
+
+
+def test_a_broken_collective_is_told_in_one_short_clause():
+    """What a rank says of its own broken collective once it has named the peer that failed:
+    gloo's message without its source location and advice; other errors kept, bounded."""
+    from sfrik_scale.comm import short_error
+
+    gloo = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error "
+                        "[127.0.0.1]:43398: Connection reset by peer. This is typically caused by a remote "
+                        "worker hanging or bugs in the application. Check the logs of the remote worker.")
+    assert short_error(gloo) == "RuntimeError: Read error [127.0.0.1]:43398: Connection reset by peer"
+    assert short_error(ValueError("bad. value")) == "ValueError: bad. value"  # not a collective: whole
+    assert len(short_error(ValueError("x" * 500))) == 160 and short_error(KeyError()) == "KeyError"
