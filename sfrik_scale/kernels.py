@@ -17,7 +17,8 @@ Each kernel exposes what the chunked Gram (gram.py) needs:
   * ``linear_coeff`` c: the part c * t of phi, which the Gram code evaluates as
     c |sum_i z_i|^2 / N^2 from one all-reduced q-vector instead of the N x N Gram;
   * ``residual_block(t, need_grad)``: per-term sums over a Gram block of phi(t) - c t,
-    and its derivative elementwise;
+    and its derivative elementwise (``fused_residual_block``: the same, compiled into one
+    pass over large blocks, see ``fused``);
   * ``b0``: E_U[phi], exact where a closed form exists, else by quadrature.
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from . import fused
 
 ArrayLike = Union[torch.Tensor, np.ndarray, float]
 
@@ -177,8 +180,10 @@ class Kernel:
     def residual_block(self, t: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Per-term sums over the block of phi(t) - c t (float64 vector), and d/dt of it.
 
+        Element-wise apart from the sums (``fused_residual_block`` hands it the block flattened).
+
         Args:
-            t: a Gram block (n, c), fp32 or fp64.
+            t: a Gram block (n, c), or that block flattened; fp32 or fp64.
             need_grad: whether to return the derivative block (else None).
         """
         val = self.phi(t)
@@ -191,6 +196,18 @@ class Kernel:
             if self.linear_coeff:
                 d = d - self.linear_coeff
         return sums, d
+
+    def fused_residual_block(self, t: torch.Tensor, need_grad: bool
+                             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``residual_block``, compiled by ``fused`` into one loop over blocks of at least
+        ``fused.COMPILE_MIN_ELEMENTS`` entries (it reads t once and writes the derivative
+        once); eager below that, or where compiling is off or fails. What the Gram code calls."""
+        if not fused.wants_compile(t.numel(), t):
+            return self.residual_block(t, need_grad)
+        # flattened: residual_block is element-wise plus sums, and one dynamic size compiles
+        # one graph for every block shape
+        sums, dphi = _FUSED_RESIDUAL_BLOCK(self, t.reshape(-1), need_grad, elements=t.numel())
+        return sums, (dphi.view(t.shape) if dphi is not None else None)
 
     # -- constants ----------------------------------------------------------------------
     @cached_property
@@ -212,6 +229,14 @@ class Kernel:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(q={self.q})"
+
+
+def _residual_block(kernel: Kernel, t: torch.Tensor, need_grad: bool):
+    return kernel.residual_block(t, need_grad)
+
+
+# The kernel's parameters are compile-time constants: one graph per kernel, dtype and grad mode.
+_FUSED_RESIDUAL_BLOCK = fused.Fusible(_residual_block, "a kernel's Gram-block pass")
 
 
 def _check_coeffs(coeffs: Sequence[float], what: str = "coeffs") -> tuple[float, ...]:
