@@ -235,7 +235,8 @@ def _residual_block(kernel: Kernel, t: torch.Tensor, need_grad: bool):
     return kernel.residual_block(t, need_grad)
 
 
-# The kernel's parameters are compile-time constants: one graph per kernel, dtype and grad mode.
+# The kernel's parameters are compile-time constants: one graph per kernel, dtype and grad mode
+# (TruncatedLegendre passes its numbers as a tensor instead: one graph per degree).
 _FUSED_RESIDUAL_BLOCK = fused.Fusible(_residual_block, "a kernel's Gram-block pass")
 
 
@@ -281,6 +282,7 @@ class TruncatedLegendre(Kernel):
         self.coeffs = _check_coeffs(coeffs)
         self.degree = len(self.coeffs)
         self.linear_coeff = self.coeffs[0]
+        self._tables: dict = {}  # device -> _recurrence_table
 
     @property
     def term_names(self) -> tuple[str, ...]:
@@ -319,6 +321,26 @@ class TruncatedLegendre(Kernel):
                 dphi.add_(d, alpha=b)
         return sums, dphi
 
+    def fused_residual_block(self, t: torch.Tensor, need_grad: bool
+                             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # The kernel's numbers travel as a tensor, not as compile-time constants: every q and
+        # every set of coefficients of one degree share one graph (compiled once per process, and
+        # once per machine through inductor's cache, whatever the recipe).
+        if not fused.wants_compile(t.numel(), t):
+            return self.residual_block(t, need_grad)
+        table = self._tables.get(t.device)
+        if table is None:
+            table = self._tables[t.device] = self._recurrence_table().to(t.device)
+        sums, dphi = _FUSED_LEGENDRE_BLOCK(t.reshape(-1), table, need_grad, elements=t.numel())
+        return sums, (dphi.view(t.shape) if dphi is not None else None)
+
+    def _recurrence_table(self) -> torch.Tensor:
+        """(3, L - 1) float64: a_l and b_l of P_{l+1} = a_l t P_l - b_l P_{l-1} (l = 1..L-1), as
+        in ``_recurrence``, and the coefficient b_{l+1} of the polynomial that step produces."""
+        q = self.q
+        rows = [((2 * l + q - 2) / (l + q - 2), l / (l + q - 2), self.coeffs[l]) for l in range(1, self.degree)]
+        return torch.tensor(rows, dtype=torch.float64).T.contiguous()
+
     def phi(self, t: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(t)
         for l, p, _ in self._recurrence(t, False, start=1):
@@ -337,6 +359,30 @@ class TruncatedLegendre(Kernel):
 
     def __repr__(self) -> str:
         return f"TruncatedLegendre(coeffs={self.coeffs}, q={self.q})"
+
+
+def _legendre_block(t: torch.Tensor, table: torch.Tensor, need_grad: bool):
+    """``TruncatedLegendre.residual_block`` with the recurrence's numbers read from ``table``
+    (``_recurrence_table``), the same operations in the same order."""
+    sums = []
+    p_prev, p = torch.ones_like(t), t
+    d_prev = d = dphi = None
+    if need_grad:
+        d_prev, d = torch.zeros_like(t), torch.ones_like(t)
+    for i in range(table.shape[1]):
+        a, b, coeff = table[0, i].to(t.dtype), table[1, i].to(t.dtype), table[2, i]
+        p_next = a * t * p - b * p_prev
+        if need_grad:
+            d_prev, d = d, a * (p + t * d) - b * d_prev
+        p_prev, p = p, p_next
+        sums.append(coeff * p.sum(dtype=torch.float64))
+        if need_grad:
+            step = coeff.to(t.dtype) * d
+            dphi = step if dphi is None else dphi + step
+    return torch.stack(sums), dphi
+
+
+_FUSED_LEGENDRE_BLOCK = fused.Fusible(_legendre_block, "the Legendre kernel's Gram-block pass")
 
 
 class VICRegAnalogue(TruncatedLegendre):
