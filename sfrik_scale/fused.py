@@ -21,7 +21,8 @@ planner's simulation, shape recorders), and for dtypes other than fp32/fp64/bf16
 Fallback: if compiling fails (no C++ compiler, no Triton, an unsupported platform), the
 call is rerun eagerly; when the eager run succeeds, one one-line RuntimeWarning says so and
 the process stays eager from then on. An error the eager function raises too is the
-caller's and propagates unchanged.
+caller's and propagates unchanged. A differentiable pass (the losses' normalisation) has its
+backward compiled together with its forward, at the first call, so a failure shows there.
 
 Numerics: the compiled loop performs the eager operations in the same order (inductor does
 not reassociate), but the C++ compiler may contract a * b + c into one fused multiply-add
