@@ -47,41 +47,65 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def embedding_problem(z: torch.Tensor, kernel: Optional[Kernel], name: str = "z",
+                      chunk_size: Optional[int] = None) -> Optional[str]:
+    """What is wrong with this rank's shard apart from its values (None: nothing): a floating
+    tensor of shape (n, q), n >= 1, q >= 2, q equal to the kernel's, a valid chunk_size.
+    Local, no collective, no pass over the values: callers run it before computing anything
+    from z (a reduction to hand ``validate_embeddings`` as ``finite_hint``)."""
+    if not isinstance(z, torch.Tensor):
+        return f"{name} must be a torch.Tensor, got {type(z).__name__}"
+    if z.ndim != 2:
+        return f"{name} must be 2-D (n, q), got shape {tuple(z.shape)}"
+    shape = tuple(z.shape)
+    if not z.is_floating_point():
+        return f"{name} must be a floating-point tensor, got dtype {z.dtype}"
+    if z.shape[0] < 1:
+        return f"{name} has no rows (shape {shape})"
+    if z.shape[1] < 2:
+        return f"{name} has q={z.shape[1]} columns; the sphere S^(q-1) needs q >= 2"
+    if kernel is not None and kernel.check_dim(z.shape[1], name) is not None:
+        return kernel.check_dim(z.shape[1], name)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        return f"chunk_size must be a positive integer or None, got {chunk_size!r}"
+    return None
+
+
+def _non_finite_problem(z: torch.Tensor, name: str, finite_hint: Optional[torch.Tensor]) -> Optional[str]:
+    # A NaN/Inf anywhere makes any sum over all entries non-finite (finite fp32/bf16 inputs cannot
+    # overflow a float64 sum). With a hint (a reduction the caller computed anyway: column sums,
+    # row norms) the common path reads only that; without one, a float64 sum of z: one pass, no
+    # (n, q) temporaries. The exact count only on the error path.
+    hint = finite_hint if finite_hint is not None else z.detach().sum(dtype=torch.float64)
+    if bool(torch.isfinite(hint).all()):  # host sync: one flag
+        return None
+    bad = ~torch.isfinite(z.detach())
+    if not bool(bad.any()):  # finite values whose sum overflowed: nothing wrong
+        return None
+    rows = torch.nonzero(bad.any(dim=1)).flatten()
+    return (f"{name} holds {int(bad.sum())} non-finite values (NaN/Inf) in "
+            f"{rows.numel()} rows, first at row {int(rows[0])}")
+
+
 def validate_embeddings(z: torch.Tensor, kernel: Optional[Kernel], group: comm.Group = None,
-                        name: str = "z", chunk_size: Optional[int] = None) -> None:
+                        name: str = "z", chunk_size: Optional[int] = None,
+                        finite_hint: Optional[torch.Tensor] = None) -> None:
     """Check a shard on every rank; raise the same clear error on every rank, without a hang.
 
-    Checks: a floating tensor of shape (n, q), n >= 1, q >= 2, q equal to the kernel's,
-    a valid chunk_size, finite values, and the same (n, q) on all ranks. One small collective.
+    Checks: ``embedding_problem`` (a floating tensor of shape (n, q), n >= 1, q >= 2, q equal
+    to the kernel's, a valid chunk_size), finite values, and the same (n, q) on all ranks.
+    One small collective.
+
+    ``finite_hint``: optional, a reduction of z over all its entries that the caller computed
+    anyway (e.g. its column sums or row norms; any shape), non-finite whenever z holds a NaN or
+    an Inf. When it is finite the values need no pass of their own; when it is not, z itself
+    is checked (finite values whose sum overflowed pass).
     """
-    problem = None
-    shape = (-1, -1)
-    if not isinstance(z, torch.Tensor):
-        problem = f"{name} must be a torch.Tensor, got {type(z).__name__}"
-    elif z.ndim != 2:
-        problem = f"{name} must be 2-D (n, q), got shape {tuple(z.shape)}"
-    else:
-        shape = tuple(z.shape)
-        if not z.is_floating_point():
-            problem = f"{name} must be a floating-point tensor, got dtype {z.dtype}"
-        elif z.shape[0] < 1:
-            problem = f"{name} has no rows (shape {shape})"
-        elif z.shape[1] < 2:
-            problem = f"{name} has q={z.shape[1]} columns; the sphere S^(q-1) needs q >= 2"
-        elif kernel is not None and kernel.check_dim(z.shape[1], name) is not None:
-            problem = kernel.check_dim(z.shape[1], name)
-        elif chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                         or chunk_size < 1):
-            problem = f"chunk_size must be a positive integer or None, got {chunk_size!r}"
-        # A NaN/Inf anywhere makes the float64 sum non-finite (finite fp32/bf16 inputs cannot
-        # overflow it): no (n, q) temporaries on the common path, where torch.isfinite would allocate
-        # about three shard-sized ones. The exact count only on the error path.
-        elif not bool(torch.isfinite(z.detach().sum(dtype=torch.float64))):  # host sync: one flag
-            bad = ~torch.isfinite(z.detach())
-            if bool(bad.any()):  # else: finite float64 values whose sum overflowed; nothing wrong
-                rows = torch.nonzero(bad.any(dim=1)).flatten()
-                problem = (f"{name} holds {int(bad.sum())} non-finite values (NaN/Inf) in "
-                           f"{rows.numel()} rows, first at row {int(rows[0])}")
+    problem = embedding_problem(z, kernel, name, chunk_size)
+    shape = tuple(z.shape) if isinstance(z, torch.Tensor) and z.ndim == 2 else (-1, -1)
+    if problem is None:
+        problem = _non_finite_problem(z, name, finite_hint)
     try:
         comm.agree_across_ranks(problem, shape, what=f"shard shapes (n, q) of {name}", group=group)
     except ValueError as err:
@@ -94,23 +118,25 @@ class _KernelMean(torch.autograd.Function):
     """Forward: the global kernel mean and its per-term parts; backward: the saved G."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, kernel: Kernel, chunk_size: Optional[int], group: comm.Group):  # type: ignore[override]
+    def forward(ctx, z: torch.Tensor, zc: torch.Tensor, col_sum: torch.Tensor, kernel: Kernel,  # type: ignore[override]
+                chunk_size: Optional[int], group: comm.Group):
+        # zc, col_sum: from _prepare (the caller used col_sum as the finiteness hint)
         _, world = comm.rank_and_world(group)
         n, _ = z.shape
         total_rows = n * world
         need_grad = ctx.needs_input_grad[0]
-        zc = z.detach().to(_compute_dtype(z.dtype)).contiguous()  # a copy only for bf16/fp16
         chunk = chunk_size or default_chunk_size(n, n, zc.element_size())
 
         # Degree-1 part: sum_{i,j} z_i.z_j = |sum_i z_i|^2, one all-reduced q-vector.
-        col_sum = zc.sum(dim=0)
         comm.all_reduce_(col_sum, group)
         c = float(kernel.linear_coeff)
         linear = c * torch.dot(col_sum.double(), col_sum.double())
 
         sums = torch.zeros(len(kernel.term_names) if kernel.has_residual else 0,
                            dtype=torch.float64, device=z.device)
-        grad_acc = torch.zeros_like(zc) if (need_grad and kernel.has_residual) else None
+        # G's first block product writes it (no zero fill, no read of zeros); later ones add
+        grad_acc = torch.empty_like(zc) if (need_grad and kernel.has_residual) else None
+        grad_written = False
         if kernel.has_residual:
             ring = comm.RingExchange(group) if world > 1 else None
             buffers = [torch.empty_like(zc), torch.empty_like(zc)] if world > 1 else []
@@ -123,18 +149,21 @@ class _KernelMean(torch.autograd.Function):
                 for start in range(0, block.shape[0], chunk):
                     rows = block[start:start + chunk]
                     t = zc @ rows.T  # (n, c) Gram block, fp32 accumulation
-                    block_sums, dphi = kernel.residual_block(t, need_grad)
+                    block_sums, dphi = kernel.fused_residual_block(t, need_grad)
                     sums += block_sums
-                    if need_grad:
-                        grad_acc.addmm_(dphi, rows)  # G_i += sum_j phi'(t_ij) z_j
+                    if need_grad:  # G_i += sum_j phi'(t_ij) z_j
+                        if grad_written:
+                            grad_acc.addmm_(dphi, rows)
+                        else:
+                            torch.mm(dphi, rows, out=grad_acc)
+                            grad_written = True
                     del t, dphi
                 if nxt is not None:
                     ring.wait()
                     block = nxt
             del buffers
             comm.all_reduce_(sums, group)  # this rank's rows -> all N x N pairs
-            if grad_acc is not None and c:
-                grad_acc.add_(col_sum, alpha=c)  # sum_j c z_j = c * col_sum: fold in now, in place
+            # the degree-1 part's gradient, sum_j c z_j = c * col_sum, joins G in backward's one pass
 
         norm = float(total_rows) ** 2
         terms = torch.cat([linear.reshape(1), sums]) / norm
@@ -157,11 +186,22 @@ class _KernelMean(torch.autograd.Function):
         g = grad_value.detach().to(torch.float64).reshape(1).clone()
         comm.all_reduce_(g, ctx.group)
         scale = 2.0 * float(g) / ctx.norm
-        if ctx.has_residual:
-            grad = grad_acc * scale  # one new (n, q) tensor; G itself stays intact for retain_graph
+        if ctx.has_residual and ctx.c:
+            # (G + c col_sum) * scale in one pass writing one new (n, q) tensor; G itself stays
+            # intact for retain_graph
+            grad = torch.add(col_sum * (ctx.c * scale), grad_acc, alpha=scale)
+        elif ctx.has_residual:
+            grad = grad_acc * scale
         else:
             grad = (col_sum * (ctx.c * scale)).expand(ctx.n, -1).contiguous()
-        return grad.to(ctx.out_dtype), None, None, None
+        return grad.to(ctx.out_dtype), None, None, None, None, None
+
+
+def _prepare(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's shard in the compute dtype (a copy only for bf16/fp16) and its column sums
+    (local; the forward all-reduces them), which double as the finiteness hint."""
+    zc = z.detach().to(_compute_dtype(z.dtype)).contiguous()
+    return zc, zc.sum(dim=0)
 
 
 def term_names(kernel: Kernel) -> tuple[str, ...]:
@@ -206,9 +246,12 @@ def kernel_mean(z: torch.Tensor, kernel: Kernel, chunk_size: Optional[int] = Non
         >>> z = torch.nn.functional.normalize(torch.randn(256, 512), dim=1)
         >>> kernel_mean(z, TruncatedLegendre((1.0, 40.0, 40.0), q=512))
     """
-    if check_inputs:
-        validate_embeddings(z, kernel, group, chunk_size=chunk_size)
-    value, terms = _KernelMean.apply(z, kernel, chunk_size, group)
+    prepared = None
+    if not check_inputs or embedding_problem(z, kernel, chunk_size=chunk_size) is None:
+        prepared = _prepare(z)
+    if check_inputs:  # the column sums, computed anyway, stand for the values' pass
+        validate_embeddings(z, kernel, group, chunk_size=chunk_size, finite_hint=prepared[1] if prepared else None)
+    value, terms = _KernelMean.apply(z, *prepared, kernel, chunk_size, group)
     if not return_terms:
         return value
     return value, dict(zip(term_names(kernel), terms.unbind(0)))

@@ -17,7 +17,8 @@ Each kernel exposes what the chunked Gram (gram.py) needs:
   * ``linear_coeff`` c: the part c * t of phi, which the Gram code evaluates as
     c |sum_i z_i|^2 / N^2 from one all-reduced q-vector instead of the N x N Gram;
   * ``residual_block(t, need_grad)``: per-term sums over a Gram block of phi(t) - c t,
-    and its derivative elementwise;
+    and its derivative elementwise (``fused_residual_block``: the same, compiled into one
+    pass over large blocks, see ``fused``);
   * ``b0``: E_U[phi], exact where a closed form exists, else by quadrature.
 """
 from __future__ import annotations
@@ -28,6 +29,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from . import fused
 
 ArrayLike = Union[torch.Tensor, np.ndarray, float]
 
@@ -177,8 +180,10 @@ class Kernel:
     def residual_block(self, t: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Per-term sums over the block of phi(t) - c t (float64 vector), and d/dt of it.
 
+        Element-wise apart from the sums (``fused_residual_block`` hands it the block flattened).
+
         Args:
-            t: a Gram block (n, c), fp32 or fp64.
+            t: a Gram block (n, c), or that block flattened; fp32 or fp64.
             need_grad: whether to return the derivative block (else None).
         """
         val = self.phi(t)
@@ -191,6 +196,18 @@ class Kernel:
             if self.linear_coeff:
                 d = d - self.linear_coeff
         return sums, d
+
+    def fused_residual_block(self, t: torch.Tensor, need_grad: bool
+                             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``residual_block``, compiled by ``fused`` into one loop over blocks of at least
+        ``fused.COMPILE_MIN_ELEMENTS`` entries (it reads t once and writes the derivative
+        once); eager below that, or where compiling is off or fails. What the Gram code calls."""
+        if not fused.wants_compile(t.numel(), t):
+            return self.residual_block(t, need_grad)
+        # flattened: residual_block is element-wise plus sums, and one dynamic size compiles
+        # one graph for every block shape
+        sums, dphi = _FUSED_RESIDUAL_BLOCK(self, t.reshape(-1), need_grad, elements=t.numel())
+        return sums, (dphi.view(t.shape) if dphi is not None else None)
 
     # -- constants ----------------------------------------------------------------------
     @cached_property
@@ -212,6 +229,15 @@ class Kernel:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(q={self.q})"
+
+
+def _residual_block(kernel: Kernel, t: torch.Tensor, need_grad: bool):
+    return kernel.residual_block(t, need_grad)
+
+
+# The kernel's parameters are compile-time constants: one graph per kernel, dtype and grad mode
+# (TruncatedLegendre passes its numbers as a tensor instead: one graph per degree).
+_FUSED_RESIDUAL_BLOCK = fused.Fusible(_residual_block, "a kernel's Gram-block pass")
 
 
 def _check_coeffs(coeffs: Sequence[float], what: str = "coeffs") -> tuple[float, ...]:
@@ -256,6 +282,7 @@ class TruncatedLegendre(Kernel):
         self.coeffs = _check_coeffs(coeffs)
         self.degree = len(self.coeffs)
         self.linear_coeff = self.coeffs[0]
+        self._tables: dict = {}  # device -> _recurrence_table
 
     @property
     def term_names(self) -> tuple[str, ...]:
@@ -294,6 +321,26 @@ class TruncatedLegendre(Kernel):
                 dphi.add_(d, alpha=b)
         return sums, dphi
 
+    def fused_residual_block(self, t: torch.Tensor, need_grad: bool
+                             ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # The kernel's numbers travel as a tensor, not as compile-time constants: every q and
+        # every set of coefficients of one degree share one graph (compiled once per process, and
+        # once per machine through inductor's cache, whatever the recipe).
+        if not fused.wants_compile(t.numel(), t):
+            return self.residual_block(t, need_grad)
+        table = self._tables.get(t.device)
+        if table is None:
+            table = self._tables[t.device] = self._recurrence_table().to(t.device)
+        sums, dphi = _FUSED_LEGENDRE_BLOCK(t.reshape(-1), table, need_grad, elements=t.numel())
+        return sums, (dphi.view(t.shape) if dphi is not None else None)
+
+    def _recurrence_table(self) -> torch.Tensor:
+        """(3, L - 1) float64: a_l and b_l of P_{l+1} = a_l t P_l - b_l P_{l-1} (l = 1..L-1), as
+        in ``_recurrence``, and the coefficient b_{l+1} of the polynomial that step produces."""
+        q = self.q
+        rows = [((2 * l + q - 2) / (l + q - 2), l / (l + q - 2), self.coeffs[l]) for l in range(1, self.degree)]
+        return torch.tensor(rows, dtype=torch.float64).T.contiguous()
+
     def phi(self, t: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(t)
         for l, p, _ in self._recurrence(t, False, start=1):
@@ -312,6 +359,30 @@ class TruncatedLegendre(Kernel):
 
     def __repr__(self) -> str:
         return f"TruncatedLegendre(coeffs={self.coeffs}, q={self.q})"
+
+
+def _legendre_block(t: torch.Tensor, table: torch.Tensor, need_grad: bool):
+    """``TruncatedLegendre.residual_block`` with the recurrence's numbers read from ``table``
+    (``_recurrence_table``), the same operations in the same order."""
+    sums = []
+    p_prev, p = torch.ones_like(t), t
+    d_prev = d = dphi = None
+    if need_grad:
+        d_prev, d = torch.zeros_like(t), torch.ones_like(t)
+    for i in range(table.shape[1]):
+        a, b, coeff = table[0, i].to(t.dtype), table[1, i].to(t.dtype), table[2, i]
+        p_next = a * t * p - b * p_prev
+        if need_grad:
+            d_prev, d = d, a * (p + t * d) - b * d_prev
+        p_prev, p = p, p_next
+        sums.append(coeff * p.sum(dtype=torch.float64))
+        if need_grad:
+            step = coeff.to(t.dtype) * d
+            dphi = step if dphi is None else dphi + step
+    return torch.stack(sums), dphi
+
+
+_FUSED_LEGENDRE_BLOCK = fused.Fusible(_legendre_block, "the Legendre kernel's Gram-block pass")
 
 
 class VICRegAnalogue(TruncatedLegendre):

@@ -104,12 +104,12 @@ def _under(module: str, prefixes: tuple[str, ...]) -> bool:
 #: (modules, what they must not import): the layer rules of docs/architecture.md
 LAYER_RULES = [
     # the building blocks never read the run configuration nor know who drives them
-    (("kernels", "comm", "gram", "losses", "models", "optim", "data", "learning_health", "health", "topology"),
+    (("kernels", "fused", "comm", "gram", "losses", "models", "optim", "data", "learning_health", "health", "topology"),
      ("config", "ds_config", "train", "pretrain", "eval", "planning", "cli", "benchmarks", "selftest")),
     # the trainer is driven from above: evaluation plugs in through hooks, planning sits beside it
     (("train",), ("eval", "planning", "cli", "pretrain", "benchmarks", "selftest")),
     # the self-test drives everything and nothing drives it but the command line
-    (("kernels", "comm", "gram", "losses", "models", "optim", "data", "config", "ds_config", "train", "eval",
+    (("kernels", "fused", "comm", "gram", "losses", "models", "optim", "data", "config", "ds_config", "train", "eval",
       "profiling", "planning", "checkpoint", "export", "pretrain", "benchmarks"), ("selftest",)),
     # runtime profiling sits below the trainer; simulation and planning beside the command line
     (("profiling",), ("planning", "train", "pretrain", "cli", "eval")),
@@ -118,7 +118,7 @@ LAYER_RULES = [
       "preemption", "epoch_tally", "nonfinite"),
      ("config", "models", "train", "eval", "planning", "cli", "pretrain")),
     # nothing below the command line imports it
-    (("kernels", "comm", "gram", "losses", "models", "optim", "data", "config", "ds_config", "train", "eval",
+    (("kernels", "fused", "comm", "gram", "losses", "models", "optim", "data", "config", "ds_config", "train", "eval",
       "profiling", "planning", "checkpoint", "export", "pretrain", "benchmarks", "selftest"), ("cli",)),
 ]
 

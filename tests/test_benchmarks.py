@@ -44,6 +44,17 @@ def test_bench_loss_prints_both_tables():
     single = {row[2]: row for row in table_rows(proc.stdout) if row[:2] == ["32", "64"]}
     floor, kernel = single["floor (ZZ^T, Phi'Z)"], single["kernel_mean L=3"]
     assert number(floor[3]) <= number(kernel[3]) and number(floor[5]) <= number(kernel[5])
+    # Columns: x floor (paired per round), peak, range, x own floor (per view), compiled. At 32 x 64
+    # the configured (auto) rows stay eager, like the forced-eager ones; the floor has no fused pass.
+    for method, views in (("kernel_mean L=3", 1), ("kernel_mean L=3, eager", 1), ("SFRIKLoss (2 views)", 2),
+                          ("SFRIKLoss (2 views), eager", 2)):
+        row = single[method]
+        assert number(row[7]) == pytest.approx(number(row[4]) / views, abs=0.011), row
+        low, high = (number(x) for x in row[6].split("-"))
+        assert low <= number(row[3]) <= high, row
+        assert row[8] == "no", row
+    assert floor[8] == "-" and number(floor[4]) == 1.0
+    assert "eager / configured time" in proc.stdout and "load average" in proc.stdout
     # The ring's per-rank memory does not grow from 2 ranks to 4 (exact byte accounting).
     ring = {row[0]: row for row in table_rows(proc.stdout) if len(row) == 8}
     assert ring["2"][5] == ring["4"][5] and ring["2"][6] == ring["4"][6], ring

@@ -13,6 +13,7 @@ from sfrik_scale.gram import NonFiniteInputError, default_chunk_size, kernel_mea
 from sfrik_scale.kernels import (EnergyKernel, GaussianKernel, QuadraticKernel, TruncatedLegendre,
                                  VICRegAnalogue)
 
+from ._compile import check_path, fused_path, path_report, use_path  # noqa: F401 (fused_path: a fixture)
 from ._dist import run_ranks
 
 
@@ -58,8 +59,9 @@ def dense_reference(z: torch.Tensor, kernel) -> tuple[float, np.ndarray]:
 # ------------------------------------------------------------------ single process
 @pytest.mark.parametrize("name", KERNEL_NAMES)
 @pytest.mark.parametrize("chunk", [None, 1, 7, 64, 1000])
-def test_kernel_mean_matches_dense_float64_reference(name, chunk):
+def test_kernel_mean_matches_dense_float64_reference(name, chunk, fused_path):
     kernel = make_kernels(16)[name]
+    fused_path.expect_compiled = kernel.has_residual  # degree 1: no Gram block at all
     z = batch(37, 16).requires_grad_(True)
     value = kernel_mean(z, kernel, chunk_size=chunk)
     value.backward()
@@ -69,13 +71,14 @@ def test_kernel_mean_matches_dense_float64_reference(name, chunk):
 
 
 @pytest.mark.parametrize("name", KERNEL_NAMES)
-def test_kernel_mean_passes_gradcheck(name):
+def test_kernel_mean_passes_gradcheck(name, fused_path):
     kernel = make_kernels(5)[name]
+    fused_path.expect_compiled = kernel.has_residual
     z = (0.7 * batch(6, 5, seed=3)).requires_grad_(True)  # |z| < 1 keeps the energy kernel smooth
     assert torch.autograd.gradcheck(lambda x: kernel_mean(x, kernel, chunk_size=4), (z,))
 
 
-def test_terms_sum_to_value_and_are_each_orders_mean():
+def test_terms_sum_to_value_and_are_each_orders_mean(fused_path):
     q = 12
     kernel = TruncatedLegendre((1.0, 40.0, 40.0), q)
     z = batch(30, q)
@@ -138,7 +141,7 @@ def test_default_chunk_size_bounds_block_memory():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_inputs_match_float64_at_q_32768(dtype):
+def test_low_precision_inputs_match_float64_at_q_32768(dtype, fused_path):
     q, n = 32768, 48
     kernel = TruncatedLegendre((1.0, 40.0, 40.0), q)
     z = batch(n, q, seed=5).to(dtype).requires_grad_(True)
@@ -210,8 +213,9 @@ def test_kernel_mean_rejects_bad_chunk_size(chunk):
 N_PER_RANK, Q = 9, 12
 
 
-def _contract_worker(rank: int, world: int) -> dict:
+def _contract_worker(rank: int, world: int, path: str) -> dict:
     """Every kernel, several chunk sizes, on this rank's rows of a shared global batch."""
+    use_path(path)
     out = {}
     full = batch(N_PER_RANK * world, Q, seed=100 + world)
     shard = full[rank * N_PER_RANK:(rank + 1) * N_PER_RANK]
@@ -230,13 +234,17 @@ def _contract_worker(rank: int, world: int) -> dict:
     value = kernel_mean(z, make_kernels(Q)["legendre3"])
     value.backward()
     out[("bf16", None)] = (float(value), z.grad.float().numpy(), None)
+    out["fused"] = path_report()
     return out
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("path", ["eager", "compiled"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_distributed_contract_every_kernel(world):
-    results = run_ranks(_contract_worker, world)
+def test_distributed_contract_every_kernel(world, path):
+    results = run_ranks(_contract_worker, world, path)
+    for res in results:
+        check_path(path, res["fused"])
     full = batch(N_PER_RANK * world, Q, seed=100 + world)
     for name, kernel in make_kernels(Q).items():
         ref_value, ref_grad = dense_reference(full, kernel)

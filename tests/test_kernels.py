@@ -11,6 +11,8 @@ import torch
 from sfrik_scale.kernels import (EnergyKernel, GaussianKernel, QuadraticKernel, TruncatedLegendre,
                                  VICRegAnalogue, legendre, legendre_derivative, uniform_expectation)
 
+from ._compile import fused_path  # noqa: F401 (a fixture)
+
 QS = [3, 17, 8192, 32768, 10**6]
 T = np.linspace(-1.0, 1.0, 41)
 
@@ -170,3 +172,50 @@ def test_gaussian_and_energy_reject_bad_parameters():
 def test_kernel_reports_dimension_mismatch():
     assert TruncatedLegendre((1.0,), q=8).check_dim(8) is None
     assert "q=8" in TruncatedLegendre((1.0,), q=8).check_dim(9)
+
+
+# ------------------------------------------------------------------ the fused block pass
+FUSED_KERNELS = {
+    "legendre3": lambda q: TruncatedLegendre((1.0, 40.0, 40.0), q),
+    "legendre5": lambda q: TruncatedLegendre((0.5, 2.0, 3.0, 0.0, 1.0), q),
+    "vicreg_analogue": lambda q: VICRegAnalogue(q, 1.0, 3.0),
+    "quadratic": QuadraticKernel,
+    "gaussian": lambda q: GaussianKernel(q, 2.5),
+    "energy": lambda q: EnergyKernel(q, exponent=1.5, constant=2.0),
+}
+# fp32: the compiled loop may contract a * b + c into one fused multiply-add and sums in vector
+# lanes; a few ulps of the block's largest derivative / of the sum of magnitudes.
+FUSED_RTOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+
+
+@pytest.mark.parametrize("name", list(FUSED_KERNELS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_fused_residual_block_matches_eager_block(name, dtype, need_grad, fused_path):
+    kernel = FUSED_KERNELS[name](12)
+    g = torch.Generator().manual_seed(0)
+    for shape in ((37, 37), (37, 5)):  # one graph for both: sizes are symbolic
+        t = (torch.rand(shape, generator=g, dtype=torch.float64) * 1.8 - 0.9).to(dtype)
+        sums, d = kernel.fused_residual_block(t, need_grad)
+        ref_sums, ref_d = kernel.residual_block(t, need_grad)
+        assert sums.dtype == torch.float64 and sums.shape == ref_sums.shape
+        scale = float(kernel.phi(t.double()).abs().sum()) + 1.0
+        np.testing.assert_allclose(sums.numpy(), ref_sums.numpy(), rtol=0, atol=FUSED_RTOL[dtype] * scale)
+        if need_grad:
+            assert d.shape == t.shape and d.dtype == dtype
+            np.testing.assert_allclose(d.numpy(), ref_d.numpy(), rtol=0,
+                                       atol=FUSED_RTOL[dtype] * float(ref_d.abs().max()))
+        else:
+            assert d is None
+
+
+def test_fused_blocks_of_kernels_with_other_coefficients_use_their_own(fused_path):
+    """Coefficients are compile-time constants guarded by value (a symbolic float was baked into
+    the first kernel's graph: the second kernel then got the first's derivative)."""
+    t = torch.rand(12, 12, dtype=torch.float64) - 0.5
+    for coeffs, q in (((1.0, 40.0, 40.0), 16), ((1.0, 4.0, 3.0), 16), ((1.0, 4.0, 3.0), 8)):
+        kernel = TruncatedLegendre(coeffs, q)
+        sums, d = kernel.fused_residual_block(t, True)
+        ref_sums, ref_d = kernel.residual_block(t, True)
+        np.testing.assert_allclose(sums.numpy(), ref_sums.numpy(), rtol=1e-12)
+        np.testing.assert_allclose(d.numpy(), ref_d.numpy(), rtol=1e-12, atol=1e-12)

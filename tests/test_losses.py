@@ -14,6 +14,7 @@ from sfrik_scale.gram import NonFiniteInputError
 from sfrik_scale.losses import (LOSSES, AlignUniformLoss, SFRIKLoss, SimCLRLoss, VICRegLoss, build_loss,
                                 loss_parameters)
 
+from ._compile import check_path, fused_path, path_report, use_path  # noqa: F401 (fused_path: a fixture)
 from ._dist import run_ranks
 from ._tensors import largest_tensor_numel
 
@@ -27,6 +28,8 @@ LOSS_KWARGS = {
     "simclr": dict(temperature=0.15),
 }
 NAMES = list(LOSS_KWARGS)
+#: the losses with compiled (fused) passes: the kernel losses' normalisation and Gram blocks
+FUSED_LOSSES = ("sfrik", "contrastive", "align_uniform")
 
 
 def make_loss(name: str, q: int = Q, **overrides):
@@ -132,7 +135,8 @@ def run_loss(loss_fn, z1: torch.Tensor, z2: torch.Tensor) -> tuple[dict, np.ndar
 
 # ------------------------------------------------------------------ single process
 @pytest.mark.parametrize("name", NAMES)
-def test_loss_value_components_and_gradients_match_float64_reference(name):
+def test_loss_value_components_and_gradients_match_float64_reference(name, fused_path):
+    fused_path.expect_compiled = name in FUSED_LOSSES
     z1, z2 = views(12, Q, seed=1)
     values, g1, g2 = run_loss(make_loss(name), z1, z2)
     ref, r1, r2 = reference(name, z1, z2)
@@ -209,7 +213,7 @@ def test_vicreg_bad_chunk_size_is_refused():
         VICRegLoss(chunk_size=0)
 
 
-def test_sfrik_bf16_inputs_give_a_finite_loss_close_to_float64():
+def test_sfrik_bf16_inputs_give_a_finite_loss_close_to_float64(fused_path):
     q, n = 1024, 64
     loss_fn = SFRIKLoss(q, coeffs=(1.0, 40.0, 40.0), sim_coeff=4000.0)
     z1, z2 = views(n, q, seed=7, dtype=torch.bfloat16)
@@ -270,7 +274,8 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("name, case", [(name, case) for name in NAMES for case in BAD_INPUTS
                                          # a V-statistic is defined for a single row
                                          if not (case == "one_row" and name in ("sfrik", "contrastive"))])
-def test_loss_rejects_bad_input_naming_it(name, case):
+def test_loss_rejects_bad_input_naming_it(name, case, fused_path):
+    fused_path.expect_compiled = False  # most cases are rejected before any pass; the errors must not differ
     make_inputs, match = BAD_INPUTS[case]
     error = NonFiniteInputError if case == "non_finite" else ValueError
     with pytest.raises(error, match=match):
@@ -324,19 +329,24 @@ def _bad_inputs(rank: int) -> dict:
     return out
 
 
-def _worker(rank: int, world: int) -> dict:
-    return {"contract": _contract(rank, world), "bad": _bad_inputs(rank) if world == 3 else None}
+def _worker(rank: int, world: int, path: str) -> dict:
+    use_path(path)
+    return {"contract": _contract(rank, world), "bad": _bad_inputs(rank) if world == 3 else None,
+            "fused": path_report()}
 
 
 @lru_cache(maxsize=None)
-def launched(world: int) -> tuple:
-    return tuple(run_ranks(_worker, world, timeout=120))
+def launched(world: int, path: str = "eager") -> tuple:
+    return tuple(run_ranks(_worker, world, path, timeout=180))
 
 
 @pytest.mark.distributed
+@pytest.mark.parametrize("path", ["eager", "compiled"])
 @pytest.mark.parametrize("world", [2, 3])
-def test_distributed_contract_every_loss(world):
-    results = [res["contract"] for res in launched(world)]
+def test_distributed_contract_every_loss(world, path):
+    results = [res["contract"] for res in launched(world, path)]
+    for res in launched(world, path):
+        check_path(path, res["fused"])
     z1, z2 = views(N_PER_RANK * world, Q, seed=100 + world)
     for key in NAMES + ["sfrik_chunked", "vicreg_chunked"]:
         name = key.split("_chunked")[0]
@@ -358,8 +368,9 @@ def test_distributed_contract_every_loss(world):
 
 
 @pytest.mark.distributed
-def test_distributed_bad_input_raises_on_every_rank_without_hang():
-    results = [res["bad"] for res in launched(3)]
+@pytest.mark.parametrize("path", ["eager", "compiled"])
+def test_distributed_bad_input_raises_on_every_rank_without_hang(path):
+    results = [res["bad"] for res in launched(3, path)]
     for name in NAMES:
         for case, match in DIST_BAD_CASES.items():
             for rank, res in enumerate(results):

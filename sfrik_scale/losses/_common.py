@@ -8,8 +8,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .. import comm
-from ..gram import validate_embeddings
+from .. import comm, fused
+from ..gram import embedding_problem, validate_embeddings
 from ..kernels import Kernel
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -26,18 +26,55 @@ def unit_rows(z: torch.Tensor) -> torch.Tensor:
     return F.normalize(z.to(compute_dtype(z)), dim=1)
 
 
+def _normalised_pair(z1: torch.Tensor, z2: torch.Tensor):
+    dtype = compute_dtype(z1)
+    a, b = z1.to(dtype), z2.to(dtype)
+    norm1, norm2 = a.norm(2, 1, keepdim=True), b.norm(2, 1, keepdim=True)
+    z1n, z2n = a / norm1.clamp_min(1e-12), b / norm2.clamp_min(1e-12)  # = F.normalize, keeping the norms
+    return z1n, z2n, F.mse_loss(z1n, z2n), norm1.detach(), norm2.detach()
+
+
+_NORMALISED_PAIR = fused.Fusible(_normalised_pair, "the two views' normalisation and invariance")
+
+
+def normalised_views(z1: torch.Tensor, z2: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """(z1n, z2n, mean((z1n - z2n)^2), (|z1_i|, |z2_i|)): both views L2-normalised row-wise in
+    ``compute_dtype`` (as ``unit_rows``), their invariance (``F.mse_loss``), and the row norms
+    (n, 1), detached: ``validate_views``' finiteness hints. Compiled by ``fused`` into about
+    two passes over each view forward and two backward for views of at least
+    ``fused.COMPILE_MIN_ELEMENTS`` entries; eager otherwise. Local: no collective.
+    Call only when ``views_problem`` finds nothing (it assumes two floating (n, q) tensors)."""
+    z1n, z2n, invariance, norm1, norm2 = _NORMALISED_PAIR(z1, z2, elements=z1.numel())
+    return z1n, z2n, invariance, (norm1, norm2)
+
+
+def views_problem(z1: torch.Tensor, z2: torch.Tensor, kernel: Optional[Kernel] = None,
+                  chunk_size: Optional[int] = None) -> Optional[str]:
+    """What ``validate_views`` would reject without reading values, on this rank alone (None:
+    nothing). Local, no collective: run it before computing anything from the views."""
+    problem = embedding_problem(z1, kernel, "z1", chunk_size) or embedding_problem(z2, kernel, "z2", chunk_size)
+    if problem is None and z1.shape != z2.shape:
+        problem = "the views' shapes differ"
+    return problem
+
+
 def validate_views(z1: torch.Tensor, z2: torch.Tensor, group: comm.Group = None,
                    kernel: Optional[Kernel] = None, q: Optional[int] = None,
-                   chunk_size: Optional[int] = None) -> None:
+                   chunk_size: Optional[int] = None,
+                   finite_hints: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> None:
     """Check both views; every rank raises the same ValueError, none is left in a collective.
 
     Each view goes through ``gram.validate_embeddings`` (shape (n, q), floating, finite,
     q matching the kernel, the same (n, q) on every rank; one small collective each). After
     that, every shape is identical on all ranks, so the checks below, which only look at
-    shapes, raise on every rank alike without another collective.
+    shapes, raise on every rank alike without another collective. ``finite_hints``: a
+    reduction of each view computed anyway (``normalised_views``' row norms), which spares
+    the finiteness check its own pass over the values (``validate_embeddings``).
     """
-    validate_embeddings(z1, kernel, group, name="z1", chunk_size=chunk_size)
-    validate_embeddings(z2, kernel, group, name="z2", chunk_size=chunk_size)
+    hint1, hint2 = finite_hints if finite_hints is not None else (None, None)
+    validate_embeddings(z1, kernel, group, name="z1", chunk_size=chunk_size, finite_hint=hint1)
+    validate_embeddings(z2, kernel, group, name="z2", chunk_size=chunk_size, finite_hint=hint2)
     if z1.shape != z2.shape:
         raise ValueError(f"z1 and z2 must have the same shape (n, q): got z1 {tuple(z1.shape)} "
                          f"and z2 {tuple(z2.shape)}")

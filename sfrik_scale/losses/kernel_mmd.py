@@ -12,13 +12,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import comm
 from ..gram import kernel_mean
 from ..kernels import Kernel
-from ._common import check_chunk_size, check_coeff, unit_rows, validate_views
+from ._common import check_chunk_size, check_coeff, normalised_views, validate_views, views_problem
 
 
 class KernelMMDLoss(nn.Module):
@@ -92,9 +91,12 @@ class KernelMMDLoss(nn.Module):
         return value, value, terms
 
     def forward(self, z1: torch.Tensor, z2: torch.Tensor) -> dict[str, torch.Tensor]:
-        validate_views(z1, z2, self.group, kernel=self.kernel, chunk_size=self.chunk_size)
-        z1n, z2n = unit_rows(z1), unit_rows(z2)
-        invariance = F.mse_loss(z1n, z2n)  # local: mean over this rank's n x q elements
+        hints = None
+        if views_problem(z1, z2, self.kernel, self.chunk_size) is None:  # else validate_views raises
+            # one fused pass (large views): normalised rows, the local invariance (mean over this
+            # rank's n x q elements) and the row norms, whose finiteness stands for the views'
+            z1n, z2n, invariance, hints = normalised_views(z1, z2)
+        validate_views(z1, z2, self.group, kernel=self.kernel, chunk_size=self.chunk_size, finite_hints=hints)
         reg1, mean1, terms1 = self._regulariser(z1n)
         reg2, mean2, terms2 = self._regulariser(z2n)
         regulariser = (reg1 + reg2) / 2

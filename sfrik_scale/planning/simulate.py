@@ -375,7 +375,7 @@ def _fake_process_group(world: int) -> Iterator[None]:
 
 
 def _check_shapes(z: torch.Tensor, kernel: Any = None, group: Any = None, name: str = "z",
-                  chunk_size: Optional[int] = None) -> None:
+                  chunk_size: Optional[int] = None, finite_hint: Any = None) -> None:
     if z.ndim != 2 or z.shape[1] < 2:
         raise ValueError(f"{name} must be (n, q) with q >= 2, got shape {tuple(z.shape)}")
     if kernel is not None and kernel.check_dim(z.shape[1], name) is not None:
@@ -383,7 +383,7 @@ def _check_shapes(z: torch.Tensor, kernel: Any = None, group: Any = None, name: 
 
 
 def _check_view_shapes(z1: torch.Tensor, z2: torch.Tensor, group: Any = None, kernel: Any = None,
-                       q: Optional[int] = None, chunk_size: Optional[int] = None) -> None:
+                       q: Optional[int] = None, chunk_size: Optional[int] = None, finite_hints: Any = None) -> None:
     _check_shapes(z1, kernel, name="z1")
     _check_shapes(z2, kernel, name="z2")
     if z1.shape != z2.shape or (q is not None and z1.shape[1] != q):
