@@ -160,6 +160,10 @@ def main(out_dir: str) -> None:
     results = {case.name: run_case(case, rank, world) for case in CASES}
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
+    # Leave together: a rank that exits while its peer's gloo threads still talk to it can make
+    # the peer abort at exit ("terminate called without an active exception", status -6).
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ def _is_a_config_source(name: str) -> bool:
 class _NoTraining:
     """Stands in for the Trainer: a valid config must not start a run in these tests."""
 
-    def __init__(self, cfg, topo, hooks=()):
+    def __init__(self, cfg, topo, hooks=(), **kwargs):  # the Trainer's keywords (stop, ...) too
         pass
 
     def run(self) -> int:
