@@ -27,19 +27,22 @@ import dataclasses
 import math
 import re
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
+from sfrik_scale.config_schema import field_with_help as _f
+from sfrik_scale.config_schema import loss_section, plugin_section, summaries
 from sfrik_scale.config_types import accepts_str, coerce, type_name
 from sfrik_scale.ds_config import check_extra, expand_ds_template
 from sfrik_scale.errors import ConfigError
 from sfrik_scale.errors import suggest as _suggest
 from sfrik_scale.data.datasets import DATASETS, DEFAULT_DATASET, is_generated, reads_path
 from sfrik_scale.data.pretrain import AUTO, LOADER_CHOICES
+from sfrik_scale.data.transforms import AUGMENTATIONS
 from sfrik_scale.losses import LOSS_SPECS, option_declarations
 from sfrik_scale.optim import DEFAULT_OPTIMIZER, OPTIMIZERS
 
@@ -48,15 +51,7 @@ DEFAULT_RECIPE = "demo"
 LR_REFERENCE_BATCH = 256  # lr = base_lr * global_batch_size / 256 (Goyal et al.; VICReg; SFRIK)
 
 
-def _f(default: Any = dataclasses.MISSING, *, help: str, factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field whose documentation lives in ``metadata["help"]``."""
-    return field(default=default, default_factory=factory, metadata={"help": help})
-
-
 # --------------------------------------------------------------------------- sections
-
-LossName = Literal[tuple(LOSS_SPECS)]  # type: ignore[valid-type]  # every registered loss
-
 
 @dataclass
 class ModelConfig:
@@ -83,54 +78,19 @@ class ModelConfig:
         return self.projector_widths[-1]
 
 
-def _loss_option_help(declarations: list) -> str:
-    """One option's help: its declaring losses' help, and each loss's default."""
-    helps = list(dict.fromkeys(option.help for _, option in declarations))
-    defaults = [f"{loss} {option.default:g}" if isinstance(option.default, float) else f"{loss} {option.default}"
-                for loss, option in declarations if option.default is not None]
-    used = ", ".join(loss for loss, _ in declarations)
-    tail = (f" None: the loss's default ({', '.join(defaults)})." if defaults
-            else " None: chosen from the sizes.")
-    return " ".join(helps) + f" Used by {used}." + tail
-
-
-def _make_loss_config() -> type:
-    """The ``loss`` section, derived from the losses' specs (`sfrik_scale.losses.spec`): ``name``
-    and one field per option any loss declares, None by default. A run's loss options left at
-    None are filled from its loss's spec (so the resolved config shows the numbers that ran);
-    fields the loss does not take are ignored."""
-    fields = [("name", LossName, _f("sfrik", help=", ".join(
-        f"{spec.name} ({spec.summary})" for spec in LOSS_SPECS.values()) + "."))]
-    for name, declarations in option_declarations().items():
-        types = {repr(option.type) for _, option in declarations}
-        if len(types) > 1:
-            raise TypeError(f"losses declare option {name!r} with different types: {sorted(types)}")
-        fields.append((name, Optional[declarations[0][1].type], _f(None, help=_loss_option_help(declarations))))
-    return dataclasses.make_dataclass("LossConfig", fields, namespace={"__doc__": (
-        "The self-supervised loss (``sfrik_scale.losses``); fields a loss does not use are ignored.")})
-
-
-LossConfig = _make_loss_config()
+LossConfig = loss_section(default="sfrik")
 
 
 @dataclass
-class DataConfig:
+class _DataConfig:
     """Dataset, two-view augmentations and loader."""
 
     dataset: Literal[tuple(DATASETS)] = _f(DEFAULT_DATASET, help=(  # type: ignore[valid-type]
-        "A sfrik_scale.data.DATASETS name. synthetic: procedurally generated images with class structure, "
-        "no download, deterministic by train.seed; digits: scikit-learn's bundled 8x8 handwritten digits "
-        "(real images, fixed train/val split, no download); image_folder: a tree root/<class>/<image>; "
-        "file_list: a text file of 'path label' lines."))
+        f"A sfrik_scale.data.DATASETS name. {summaries(DATASETS)}."))
     path: Optional[str] = _f(None, help=(
         "The image_folder root (e.g. /data/imagenet/train) or the file_list text file; required unless synthetic."))
-    num_classes: int = _f(10, help="Number of classes of the synthetic dataset.")
     image_size: int = _f(32, help=(
         "Side of the square crops fed to the network (224 for ImageNet); also the size of synthetic images."))
-    synthetic_size: int = _f(4096, help="Number of images in the synthetic dataset.")
-    images_per_class: Optional[int] = _f(None, help=(
-        "Keep only the first K images of each class (in sorted file order); 260 gives the paper's "
-        "ImageNet 20% subset. None: all images."))
     loader: Literal[LOADER_CHOICES] = _f(AUTO, help=(  # type: ignore[valid-type]
         "auto: DALI when nvidia-dali is installed and runs (checked once with a tiny CPU pipeline), else torchvision "
         "with a one-line notice; dali: DALI or a clear error; torchvision: DataLoader worker processes. DALI decodes "
@@ -138,36 +98,30 @@ class DataConfig:
         "same samples in the same order from the same view descriptions."))
     num_threads: int = _f(4, help="DALI CPU threads per rank (decoding and CPU augmentation); data.loader dali/auto.")
     num_workers: int = _f(1, help="Data-loading worker processes per rank (torchvision loader).")
-    augmentations: Literal["vicreg", "simclr", "alignment_uniformity", "small", "small_flip"] = _f("small", help=(
-        "Two-view augmentation set (a sfrik_scale.data AUGMENTATIONS name): vicreg (the SFRIK paper's, "
-        "ImageNet at 224 px), simclr, alignment_uniformity (Wang & Isola's small-image pipeline, used for "
-        "STL10), small (alignment_uniformity with crops of at least 30 % of the image, brightness and contrast "
-        "jitter only and no flip: the demo and small_* recipes, images of 64 px or less, symbols such as digits "
-        "included), small_flip (small with horizontal flips, for small natural photographs)."))
-    skip_bad_files: bool = _f(True, help=(
-        "Replace unreadable or corrupt images by another sample (counted, and named in TensorBoard and "
-        "summary.json) instead of failing; false stops at the first bad file, naming it."))
+    augmentations: Literal[tuple(AUGMENTATIONS)] = _f("small", help=(  # type: ignore[valid-type]
+        f"Two-view augmentation set (a sfrik_scale.data AUGMENTATIONS name). {summaries(AUGMENTATIONS)}."))
+
+
+DataConfig = plugin_section(_DataConfig, DATASETS)
 
 
 @dataclass
-class OptimConfig:
+class _OptimConfig:
     """Optimiser and learning-rate schedule (``sfrik_scale.optim``), stepped per iteration."""
 
     name: Literal[tuple(OPTIMIZERS)] = _f(DEFAULT_OPTIMIZER, help=(  # type: ignore[valid-type]
-        "lars (biases and normalisation parameters excluded from weight decay and adaptation), adamw, lamb."))
+        f"{summaries(OPTIMIZERS)}."))
     base_lr: float = _f(0.3, help="Learning rate per 256 images: peak lr = base_lr * train.global_batch_size / 256.")
     weight_decay: float = _f(1e-6, help="Weight decay (decoupled for adamw).")
-    momentum: float = _f(0.9, help="LARS momentum, in [0, 1).")
-    eta: float = _f(0.02, help=(
-        "LARS trust coefficient (> 0): each layer's step is eta x |w| / |update| times the lr. The ImageNet "
-        "recipes use 0.001 (tens of thousands of steps); the demo and small_* recipes 0.02 (a few hundred)."))
-    betas: Tuple[float, float] = _f((0.9, 0.999), help="AdamW/LAMB betas, each in [0, 1).")
     warmup_epochs: float = _f(1.0, help="Linear warm-up from 0 to the peak lr, in epochs (<= train.epochs).")
     final_lr_ratio: float = _f(0.001, help="The cosine decay ends at final_lr_ratio x peak lr, in [0, 1].")
 
     def peak_lr(self, global_batch_size: int) -> float:
         """base_lr x global_batch_size / 256."""
         return self.base_lr * global_batch_size / LR_REFERENCE_BATCH
+
+
+OptimConfig = plugin_section(_OptimConfig, OPTIMIZERS)
 
 
 @dataclass
@@ -502,18 +456,14 @@ def _check_values(cfg: Config) -> None:
     _require(reads_path(d.dataset) or not d.path, "data.path",
              f"{d.path!r} is given but data.dataset={d.dataset!r} reads no path (it would be ignored); "
              "for a folder root/<class>/<image> add data.dataset=image_folder, for a list file data.dataset=file_list")
-    for name, low in (("num_classes", 1), ("image_size", 8), ("synthetic_size", 1), ("num_workers", 0),
-                      ("num_threads", 1)):
+    for name, low in (("image_size", 8), ("num_workers", 0), ("num_threads", 1)):
         _require(getattr(d, name) >= low, f"data.{name}", f"must be >= {low}, got {getattr(d, name)}")
-    _require(d.images_per_class is None or d.images_per_class >= 1, "data.images_per_class",
-             f"must be >= 1, got {d.images_per_class}")
+    _check_plugin_options(d, DATASETS, "data")
 
     _require(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")  # before warmup_epochs, which reads it
     _require(o.base_lr > 0, "optim.base_lr", f"must be > 0, got {o.base_lr}")
     _require(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
-    _require(0 <= o.momentum < 1, "optim.momentum", f"must be in [0, 1), got {o.momentum}")
-    _require(o.eta > 0, "optim.eta", f"must be > 0, got {o.eta}")
-    _require(all(0 <= b < 1 for b in o.betas), "optim.betas", f"each must be in [0, 1), got {list(o.betas)}")
+    _check_plugin_options(o, OPTIMIZERS, "optim")
     _require(0 <= o.warmup_epochs <= t.epochs, "optim.warmup_epochs",
              f"must be in [0, train.epochs = {t.epochs}], got {o.warmup_epochs}")
     _require(0 <= o.final_lr_ratio <= 1, "optim.final_lr_ratio", f"must be in [0, 1], got {o.final_lr_ratio}")
@@ -547,6 +497,13 @@ def _check_values(cfg: Config) -> None:
              "templates are expanded by load_config; build the Config with load_config(..., overrides)")
 
     check_extra(ds.extra)
+
+
+def _check_plugin_options(section: Any, registry: Any, prefix: str) -> None:
+    """The checks each option of a registry's entries declares (`sfrik_scale.options.Option`)."""
+    for name, declarations in registry.option_declarations().items():
+        problem = declarations[0][1].problem(getattr(section, name))
+        _require(problem is None, f"{prefix}.{name}", problem or "")
 
 
 def _check_world_size(cfg: Config, world_size: int) -> None:

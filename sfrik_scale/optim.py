@@ -46,6 +46,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from sfrik_scale import comm
+from sfrik_scale.options import Option, in_unit_interval
 from sfrik_scale.registry import Registry
 
 __all__ = ["OPTIMIZERS", "LARS", "LAMB", "LayerwiseTrustOptimizer", "LayerSegments", "param_groups",
@@ -390,21 +391,32 @@ def param_groups(params: ParamsLike, weight_decay: float) -> List[Dict[str, Any]
     return [g for g in groups if g["params"]]
 
 
-@OPTIMIZERS.register("lars")
+#: Adam's moment decay rates, as LAMB and AdamW take them from ``optim.betas``
+_BETAS = Option("betas", Tuple[float, float], (0.9, 0.999), "Adam betas (moment decay rates), each in [0, 1).",
+                check=in_unit_interval)
+
+
+@OPTIMIZERS.register("lars", summary=(
+    "LARS (biases and normalisation parameters excluded from weight decay and adaptation)"), options=(
+    Option("momentum", float, 0.9, "LARS momentum, in [0, 1).", check=in_unit_interval),
+    Option("eta", float, 0.02, (
+        "LARS trust coefficient (> 0): each layer's step is eta x |w| / |update| times the lr. The ImageNet "
+        "recipes use 0.001 (tens of thousands of steps); the demo and small_* recipes 0.02 (a few hundred)."),
+        minimum=0.0, strict=True)))
 def build_lars(params: ParamsLike, lr: float, weight_decay: float = 1e-6, momentum: float = 0.9,
                eta: float = 0.001) -> LARS:
     """LARS with the paper's defaults and the bias/norm exclusions."""
     return LARS(param_groups(params, weight_decay), lr=lr, momentum=momentum, eta=eta)
 
 
-@OPTIMIZERS.register("lamb")
+@OPTIMIZERS.register("lamb", summary="LAMB (layer-wise adaptive Adam)", options=(_BETAS,))
 def build_lamb(params: ParamsLike, lr: float, weight_decay: float = 0.01,
                betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-6) -> LAMB:
     """LAMB with the bias/norm exclusions (weight decay 0.01 as in the LAMB paper)."""
     return LAMB(param_groups(params, weight_decay), lr=lr, betas=betas, eps=eps)
 
 
-@OPTIMIZERS.register("adamw")
+@OPTIMIZERS.register("adamw", summary="torch AdamW", options=(_BETAS,))
 def build_adamw(params: ParamsLike, lr: float, weight_decay: float = 0.05,
                 betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.AdamW:
     """torch AdamW, biases and norms without decay. Elementwise, hence correct under any ZeRO stage."""

@@ -156,7 +156,7 @@ def test_commands_are_registered_by_explicit_imports():
 
 #: files that may spell a loss's name, and why (everything else derives names from the specs)
 LOSS_NAME_ALLOWED = {
-    "config.py": "the default of loss.name, and augmentation presets named after methods",
+    "config.py": "the default of loss.name",
     "data/__init__.py": "the default augmentation preset, named after a method",
     "data/transforms.py": "augmentation presets named after methods",
     "benchmarks/data.py": "the default augmentation preset, named after a method",

@@ -16,6 +16,7 @@ from sfrik_scale.data.folder import BadFileLog, FileListDataset, ImageFolderData
 from sfrik_scale.data.real import SklearnDigits
 from sfrik_scale.data.synthetic import SyntheticShapes
 from sfrik_scale.data.transforms import build_eval_transform
+from sfrik_scale.options import Option
 from sfrik_scale.registry import Registry
 
 
@@ -28,7 +29,21 @@ DATASETS: Registry[Callable[..., Dataset]] = Registry("dataset")
 DEFAULT_DATASET = "synthetic"
 
 
-@DATASETS.register("synthetic")
+#: what the datasets that read files take from the configuration (``data.<name>``)
+_FILE_OPTIONS = (
+    Option("images_per_class", Optional[int], None, (
+        "Keep only the first K images of each class (in sorted file order); 260 gives the paper's "
+        "ImageNet 20% subset. None: all images."), minimum=1),
+    Option("skip_bad_files", bool, True, (
+        "Replace unreadable or corrupt images by another sample (counted, and named in TensorBoard and "
+        "summary.json) instead of failing; false stops at the first bad file, naming it.")),
+)
+
+
+@DATASETS.register("synthetic", summary=(
+    "procedurally generated images with class structure, no download, deterministic by train.seed"), options=(
+    Option("num_classes", int, 10, "Number of classes of the synthetic dataset.", minimum=1),
+    Option("synthetic_size", int, 4096, "Number of images in the synthetic dataset.", minimum=1)))
 def _synthetic(*, split: str = "train", image_size: int = 32, seed: int = 0, num_samples: Optional[int] = None,
                num_classes: int = 10, **_: Any) -> Dataset:
     if num_samples is None:
@@ -37,7 +52,7 @@ def _synthetic(*, split: str = "train", image_size: int = 32, seed: int = 0, num
                            split=split, seed=seed)
 
 
-@DATASETS.register("image_folder")
+@DATASETS.register("image_folder", summary="a tree root/<class>/<image>", options=_FILE_OPTIONS)
 def _image_folder(*, root: Optional[str] = None, first_k_per_class: Optional[int] = None, strict: bool = False,
                   allow_empty_classes: bool = False, **_: Any) -> Dataset:
     if root is None:
@@ -46,7 +61,7 @@ def _image_folder(*, root: Optional[str] = None, first_k_per_class: Optional[int
                               allow_empty_classes=allow_empty_classes)
 
 
-@DATASETS.register("file_list")
+@DATASETS.register("file_list", summary="a text file of 'path label' lines", options=_FILE_OPTIONS)
 def _file_list(*, list_file: Optional[str] = None, root: Optional[str] = None,
                first_k_per_class: Optional[int] = None, strict: bool = False, **_: Any) -> Dataset:
     if list_file is None:
@@ -54,7 +69,8 @@ def _file_list(*, list_file: Optional[str] = None, root: Optional[str] = None,
     return FileListDataset(list_file, root=root, first_k_per_class=first_k_per_class, strict=strict)
 
 
-@DATASETS.register("digits")
+@DATASETS.register("digits", summary=(
+    "scikit-learn's bundled 8x8 handwritten digits (real images, fixed train/val split, no download)"))
 def _digits(*, split: str = "train", image_size: int = 32, **_: Any) -> Dataset:
     return SklearnDigits(split=split, image_size=image_size)
 

@@ -334,25 +334,28 @@ def _vicreg(image_size: int) -> Tuple[ViewAugmentation, ViewAugmentation]:
     return view1, dataclasses.replace(view1, blur_p=0.1, solarize_p=0.2)
 
 
-AUGMENTATIONS.register("sfrik")(_vicreg)
-AUGMENTATIONS.register("vicreg")(_vicreg)
+AUGMENTATIONS.register("sfrik", summary="the same as vicreg")(_vicreg)
+AUGMENTATIONS.register("vicreg", summary="the SFRIK paper's, ImageNet at 224 px")(_vicreg)
 
 
-@AUGMENTATIONS.register("simclr")
+@AUGMENTATIONS.register("simclr", summary="SimCLR's, strong colour jitter")
 def _simclr(image_size: int) -> Tuple[ViewAugmentation, ViewAugmentation]:
     view = ViewAugmentation(size=image_size, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2,
                             jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, solarize_p=0.0)
     return view, view
 
 
-@AUGMENTATIONS.register("alignment_uniformity")
+@AUGMENTATIONS.register("alignment_uniformity", summary=(
+    "Wang & Isola's small-image pipeline, used for STL10"))
 def _alignment_uniformity(image_size: int) -> Tuple[ViewAugmentation, ViewAugmentation]:
     view = ViewAugmentation(size=image_size, crop_scale=(0.08, 1.0), brightness=0.4, contrast=0.4,
                             saturation=0.4, hue=0.4, jitter_p=1.0, grayscale_p=0.2, blur_p=0.0, solarize_p=0.0)
     return view, view
 
 
-@AUGMENTATIONS.register("small")
+@AUGMENTATIONS.register("small", summary=(
+    "alignment_uniformity with crops of at least 30 % of the image, brightness and contrast jitter only and no "
+    "flip: the demo and small_* recipes, images of 64 px or less, symbols such as digits included"))
 def _small(image_size: int) -> Tuple[ViewAugmentation, ViewAugmentation]:
     """The small-image recipes' views (images of 64 px or less): Wang & Isola's set with crops of
     at least 30 % of the image instead of 8 %, brightness and contrast jitter only (no
@@ -371,7 +374,7 @@ def _small(image_size: int) -> Tuple[ViewAugmentation, ViewAugmentation]:
     return view, view
 
 
-@AUGMENTATIONS.register("small_flip")
+@AUGMENTATIONS.register("small_flip", summary="small with horizontal flips, for small natural photographs")
 def _small_flip(image_size: int) -> Tuple[ViewAugmentation, ViewAugmentation]:
     """"small" with horizontal flips (p = 0.5), for small natural photographs (CIFAR-like)."""
     view = dataclasses.replace(_small(image_size)[0], flip_p=0.5)

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from ..options import declarations
 from ..registry import Registry
 from .align_uniform import AlignUniformLoss
 from .contrastive import ContrastiveQuadraticLoss
@@ -65,11 +66,7 @@ _discover()
 def option_declarations() -> dict[str, list[tuple[str, Option]]]:
     """Every option name any loss declares -> [(loss name, its declaration), ...], in the order
     of first declaration (losses by name); the ``loss`` section of the config is built from it."""
-    table: dict[str, list[tuple[str, Option]]] = {}
-    for name in sorted(LOSS_SPECS):
-        for option in LOSS_SPECS[name].options:
-            table.setdefault(option.name, []).append((name, option))
-    return table
+    return declarations((name, LOSS_SPECS[name].options) for name in sorted(LOSS_SPECS))
 
 
 def display_name(name: Optional[str]) -> Optional[str]:

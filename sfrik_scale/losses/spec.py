@@ -17,44 +17,17 @@ Example:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Optional, Sequence
+
+from ..options import Option
+
+__all__ = ["LossSpec", "Option", "SIM_COEFF_HELP", "MMD_COEFF_HELP", "CHUNK_SIZE_HELP"]
 
 #: help of the options several losses share (each loss declares its own default)
 SIM_COEFF_HELP = "Weight of the invariance term mean((z1 - z2)^2)."
 MMD_COEFF_HELP = "Weight of the kernel regulariser."
 CHUNK_SIZE_HELP = "Rows or columns per block of the loss's pairwise or covariance products (memory); None: from the sizes."
-
-
-@dataclass(frozen=True)
-class Option:
-    """One keyword argument of a loss, as the configuration offers it (``loss.<name>``).
-
-    ``type`` is the value's type as the configuration parses it (``float``, ``int``,
-    ``Tuple[float, ...]``); ``default`` is what a run gets when the key is left unset (None:
-    the class's own default). ``minimum`` with ``strict`` gives the check ">= minimum" or
-    "> minimum"; ``check`` returns a message when a value is invalid, else None.
-    """
-
-    name: str
-    type: Any
-    default: Any
-    help: str
-    minimum: Optional[float] = None
-    strict: bool = False
-    check: Optional[Callable[[Any], Optional[str]]] = None
-
-    def problem(self, value: Any) -> Optional[str]:
-        """Why ``value`` is invalid for this option, or None (None values are always valid)."""
-        if value is None:
-            return None
-        if self.minimum is not None:
-            bad = not isinstance(value, (int, float)) or not math.isfinite(value) or (
-                value <= self.minimum if self.strict else value < self.minimum)
-            if bad:
-                return f"must be {'>' if self.strict else '>='} {self.minimum:g}, got {value}"
-        return self.check(value) if self.check is not None else None
 
 
 @dataclass(frozen=True)
