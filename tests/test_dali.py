@@ -557,3 +557,38 @@ def test_mixed_decoder_yields_cuda_views(folder):
     loader = build_dali_loader(ds, micro_batch_size=8, global_batch_size=16, num_threads=2, device="gpu")
     view1, view2, labels = next(iter(loader))
     assert view1.is_cuda and view2.is_cuda and labels.is_cuda and view1.shape == (8, 3, 24, 24)
+
+
+def test_cpu_colour_pass_equals_the_float_reference():
+    """The CPU graph's colour jitter (K mean folded into coord_transform's translation, uint8 out in one
+    pass) equals `apply_color`'s float64 round-and-clamp, saturated pixels included, to within one level
+    where float32 and float64 round an exact half differently."""
+    from nvidia.dali import fn, pipeline_def
+
+    from sfrik_scale.data.dali_ops import ViewInputs, _color_twist
+
+    rng = np.random.default_rng(9)
+    imgs = [np.asarray(natural_image(rng, 24 + 4 * i, 20)) for i in range(6)]
+    desc = ViewAugmentation(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, jitter_p=1.0, grayscale_p=0.0)
+    params = np.zeros((len(imgs), NUM_PARAMS), np.float32)
+    u = rng.random((len(imgs), 8))
+    params[:, P["color_00"]:P["color_26"] + 1] = color_matrices(
+        desc, u, np.ones(len(imgs), bool), np.array([False, False, False, True, False, True])).reshape(len(imgs), -1)
+    params[:, P["twist"]] = 1.0
+
+    @pipeline_def(batch_size=len(imgs), num_threads=1, device_id=None)
+    def pipe():
+        x = fn.external_source(source=lambda: imgs, layout="HWC", batch=True)
+        prm = fn.external_source(source=lambda: list(params), batch=True)
+        return _color_twist(x, ViewInputs(prm, None), desc)
+
+    p = pipe()
+    p.build()
+    (out,) = p.run()
+    saturated = 0
+    for i, img in enumerate(imgs):
+        expected = apply_color(img, params[i, P["color_00"]:P["color_26"] + 1].reshape(3, 7).astype(np.float64))
+        got = np.array(out[i])
+        assert np.abs(got.astype(int) - expected.astype(int)).max() <= 1, i
+        saturated += int(((expected == 0) | (expected == 255)).sum())
+    assert saturated > 0  # the clamp was exercised

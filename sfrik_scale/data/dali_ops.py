@@ -303,7 +303,7 @@ def _color_twist(images, v: "ViewInputs", d: ViewAugmentation):
         offset = fn.reductions.sum(k * fn.reshape(mean, shape=[1, 3]), axes=[1])  # K mean, (3,)
         if not v.on_gpu:
             # CPU: K mean folded into the translation, so one pass writes uint8 (coord_transform
-            # rounds to nearest and saturates, as the float path's clamp and cast do; tested).
+            # rounds to nearest and saturates, as the float path's clamp and cast do: test_dali).
             translation = fn.reshape(matrix[:, 3] + offset, shape=[3, 1])
             return fn.coord_transform(x, MT=fn.cat(matrix[:, 0:3], translation, axis=1), dtype=types.UINT8)
         y = fn.coord_transform(x, MT=matrix, dtype=types.FLOAT) + offset
