@@ -66,6 +66,10 @@ class ModelConfig:
     sync_bn: bool = _f(True, help=(
         "Convert BatchNorm layers to SyncBatchNorm before deepspeed.initialize when several processes "
         "train on a device that supports it (CUDA); ignored with one process or on CPU."))
+    channels_last: bool = _f(False, help=(
+        "Give the views to the network in channels-last (NHWC) memory layout, as timm's --channels-last: "
+        "the same maths in another order of summation (float rounding differs). Off by default; compare with "
+        "`sfrik-scale bench step --config RECIPE model.channels_last=true` against =false on your machine."))
 
     @property
     def projector_widths(self) -> list[int]:

@@ -168,8 +168,9 @@ class Trainer:
         """Forward both views, the loss in fp32, and (unless a rank saw a non-finite loss)
         backward and step. Returns the detached loss outputs and the agreed flags."""
         dev = self.topo.device
-        view1 = view1.to(dev, self.input_dtype, non_blocking=True)
-        view2 = view2.to(dev, self.input_dtype, non_blocking=True)
+        layout = torch.channels_last if self.cfg.model.channels_last else torch.preserve_format
+        view1 = view1.to(dev, self.input_dtype, non_blocking=True, memory_format=layout)
+        view2 = view2.to(dev, self.input_dtype, non_blocking=True, memory_format=layout)
         z1, z2 = self.engine(view1), self.engine(view2)  # forward phases: the profiler's module hooks
         try:
             with self.profiler.phase("loss"):
