@@ -67,7 +67,9 @@ def main(args) -> int:
         from ..models import batchnorm_in_fp32
 
         model = batchnorm_in_fp32(model.to(trainer.input_dtype))
-    batches = [(a.to(trainer.input_dtype), b.to(trainer.input_dtype)) for a, b in batches]
+    layout = torch.channels_last if cfg.model.channels_last else torch.preserve_format  # as Trainer.train_step
+    batches = [(a.to(trainer.input_dtype, memory_format=layout), b.to(trainer.input_dtype, memory_format=layout))
+               for a, b in batches]
     lc = cfg.loss
     loss_fn = build_loss(lc.name, q=model.q, **{k: getattr(lc, k) for k in loss_parameters(lc.name) if hasattr(lc, k)})
     o = cfg.optim
