@@ -104,6 +104,10 @@ class _DataConfig:
     num_workers: int = _f(1, help="Data-loading worker processes per rank (torchvision loader).")
     augmentations: Literal[tuple(AUGMENTATIONS)] = _f("small", help=(  # type: ignore[valid-type]
         f"Two-view augmentation set (a sfrik_scale.data AUGMENTATIONS name). {summaries(AUGMENTATIONS)}."))
+    flip: Optional[bool] = _f(None, help=(
+        "Horizontal flips of the views. null: the augmentation set's own, except on datasets whose mirror images "
+        "are other classes (digits), where the views do not flip; true: flip with probability 0.5 on any dataset; "
+        "false: never (a folder of letters or signs)."))
 
 
 DataConfig = plugin_section(_DataConfig, DATASETS)

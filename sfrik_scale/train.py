@@ -386,7 +386,8 @@ class Trainer:
             ("schedule", f"{self.schedule_text()}, peak lr {cfg.peak_lr:.4g} ({cfg.optim.name})"),
             ("deepspeed", f"ZeRO {cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}, "
                           f"optimizer layout {self.zero_layout}"),
-            ("data", f"{cfg.data.dataset}: {len(self.dataset)} images, {cfg.data.augmentations} views, "
+            ("data", f"{cfg.data.dataset}: {len(self.dataset)} images, {cfg.data.augmentations} views "
+                     f"({'flips' if self.dataset.transform.desc1.flip_p > 0 else 'no flips'}), "
                      f"{self.data_backend} loader"),
             ("resumed", f"from {self.resumed_from} (step {self.state.step})" if self.resumed_from else "no"),
         ])

@@ -487,17 +487,40 @@ def test_small_images_are_evaluated_whole_and_large_ones_with_the_reference_bord
     torch.testing.assert_close(out, expected)  # nothing cropped, nothing resampled
 
 
-def test_small_view_set_crops_at_least_thirty_percent_jitters_only_brightness_contrast_and_does_not_flip() -> None:
+def test_small_view_set_crops_at_least_thirty_percent_jitters_only_brightness_contrast_and_flips() -> None:
     from sfrik_scale.data.transforms import AUGMENTATIONS
 
     v1, v2 = AUGMENTATIONS.get("small")(32)
     au, _ = AUGMENTATIONS.get("alignment_uniformity")(32)
-    assert v1 == v2 and v1.crop_scale == (0.3, 1.0) and v1.size == 32 and v1.flip_p == 0.0
+    assert v1 == v2 and v1.crop_scale == (0.3, 1.0) and v1.size == 32 and v1.flip_p == 0.5
     assert (v1.saturation, v1.hue, v1.grayscale_p) == (0.0, 0.0, 0.0) and v1.jitter_p == au.jitter_p == 1.0
     assert dataclasses.replace(v1, crop_scale=au.crop_scale, flip_p=au.flip_p, saturation=au.saturation,
                                hue=au.hue, grayscale_p=au.grayscale_p) == au
-    flip1, flip2 = AUGMENTATIONS.get("small_flip")(32)
-    assert flip1 == flip2 == dataclasses.replace(v1, flip_p=0.5)
+    assert AUGMENTATIONS.get("small_flip")(32) == (v1, v2)  # the older name of the same set
+
+
+@pytest.mark.parametrize("dataset, flip, expected", [
+    ("digits", None, 0.0),        # a mirrored digit is another symbol: the dataset vetoes the set's flips
+    ("digits", True, 0.5),        # unless asked for (the ablation of docs/evaluation.md)
+    ("synthetic", None, 0.5),     # the set's own
+    ("synthetic", False, 0.0),    # a folder of letters: data.flip=false
+    ("image_folder", None, 0.5),
+])
+def test_flips_follow_data_flip_and_whether_the_dataset_is_mirror_invariant(tmp_path, dataset, flip, expected):
+    from sfrik_scale.data import build_pretrain_dataset, mirror_invariant
+    from sfrik_scale.data.transforms import AUGMENTATIONS
+
+    assert mirror_invariant(dataset) == (dataset != "digits")
+    extra = {}
+    if dataset == "image_folder":
+        for c in ("a", "b"):
+            (tmp_path / c).mkdir()
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / c / "x.png")
+        extra = dict(root=str(tmp_path))
+    ds = build_pretrain_dataset(dataset, augmentations="small", image_size=16, seed=0, flip=flip, **extra)
+    small, _ = AUGMENTATIONS.get("small")(16)
+    # only the flip probability changes: on digits the views are exactly those drawn before flips were added
+    assert ds.transform.desc1 == ds.transform.desc2 == dataclasses.replace(small, flip_p=expected)
 
 
 def test_the_pretrain_loader_chooses_its_backend_and_dataset_options(monkeypatch):

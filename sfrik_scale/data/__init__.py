@@ -20,6 +20,7 @@ The sampler yields ``(epoch, index)`` keys so that persistent workers know the e
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -30,7 +31,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from sfrik_scale.data.folder import (
     IMG_EXTENSIONS, BadFileLog, BadImageError, FileListDataset, ImageFolderDataset, check_dataset_size, pil_loader,
 )
-from sfrik_scale.data.datasets import DATASETS, DEFAULT_DATASET, TransformedDataset, build_dataset, build_eval_dataset
+from sfrik_scale.data.datasets import (
+    DATASETS, DEFAULT_DATASET, TransformedDataset, build_dataset, build_eval_dataset, mirror_invariant,
+)
 from sfrik_scale.data.sampler import SamplerPositionMixin, ShardedSampler
 from sfrik_scale.data.synthetic import SyntheticShapes
 from sfrik_scale.data.transforms import (
@@ -108,20 +111,28 @@ def build_pretrain_dataset(
     seed: int = 0,
     view1: Optional[Union[ViewAugmentation, Dict[str, Any]]] = None,
     view2: Optional[Union[ViewAugmentation, Dict[str, Any]]] = None,
+    flip: Optional[bool] = None,
     **dataset_kwargs: Any,
 ) -> TwoViewDataset:
     """The two-view pretraining dataset.
 
     Args:
         dataset: a `DATASETS` name: "synthetic" (default, no download), "image_folder", "file_list".
-        augmentations: an `AUGMENTATIONS` name: "sfrik"/"vicreg", "simclr", "alignment_uniformity".
+        augmentations: an `AUGMENTATIONS` name: "sfrik"/"vicreg", "simclr", "alignment_uniformity",
+            "small".
         image_size: side of the views (and of the synthetic images).
         seed: seeds the synthetic images and the per-sample augmentations.
-        view1, view2: optional full descriptions replacing the named set's views.
+        view1, view2: optional full descriptions replacing the named set's views (taken as given).
+        flip: the named set's horizontal flips. None: the set's own, except on a dataset whose
+            mirror images are other classes (`mirror_invariant` false: digits), where the views
+            do not flip; True: probability 0.5; False: never.
         **dataset_kwargs: passed to the dataset factory (see `build_dataset`).
     """
     base = build_dataset(dataset, image_size=image_size, seed=seed, **dataset_kwargs)
     desc1, desc2 = AUGMENTATIONS.get(augmentations)(image_size)
+    flip_p = None if flip is None and mirror_invariant(dataset) else 0.5 if flip else 0.0
+    if flip_p is not None:
+        desc1, desc2 = (dataclasses.replace(d, flip_p=flip_p) for d in (desc1, desc2))
     transform = TwoViewTransform(view1 if view1 is not None else desc1, view2 if view2 is not None else desc2)
     return TwoViewDataset(base, transform, seed=seed)
 
@@ -272,5 +283,6 @@ __all__ = [
     "ShardedSampler", "SyntheticShapes", "TwoViewCollate", "TwoViewDataLoader", "TwoViewDataset",
     "TransformedDataset", "TwoViewTransform", "ViewAugmentation", "WorkerSeeder",
     "build_dataset", "build_eval_dataset", "build_eval_transform", "build_loader", "build_pretrain_dataset",
+    "mirror_invariant",
     "build_two_view_transform", "build_view_transform", "check_dataset_size", "mix_seed", "pil_loader",
 ]

@@ -94,6 +94,18 @@ _PATH_OPTIONS: dict[str, tuple[str, str]] = {
 #: datasets whose images are generated from their settings alone (size, classes, seed)
 _GENERATED = ("synthetic",)
 
+#: datasets whose mirror images belong to other classes (a mirrored digit is another symbol):
+#: the pretraining views of every named augmentation set do not flip on them
+_MIRROR_SENSITIVE = ("digits",)
+
+
+def mirror_invariant(name: str) -> bool:
+    """Whether a mirrored image of dataset ``name`` still shows its class, so that the pretraining
+    views may flip it: true for photographs (folders, file lists) and the synthetic shapes, false
+    for symbols such as digits."""
+    DATASETS.get(name)  # an unknown name: KeyError listing the registered ones
+    return name not in _MIRROR_SENSITIVE
+
 
 def reads_path(name: str) -> bool:
     """Whether dataset ``name`` reads its images from ``data.path`` (a folder or a list file)."""

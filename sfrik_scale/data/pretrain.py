@@ -75,7 +75,7 @@ def build_pretrain_loader(settings: Any, *, rank: int, world_size: int, device: 
     from sfrik_scale.data import build_loader, build_pretrain_dataset
 
     dataset = build_pretrain_dataset(settings.dataset, augmentations=settings.augmentations,
-                                     image_size=settings.image_size, seed=seed,
+                                     image_size=settings.image_size, seed=seed, flip=getattr(settings, "flip", None),
                                      **pretrain_options(settings.dataset, settings))
     batches = dict(micro_batch_size=micro_batch_size, global_batch_size=global_batch_size, rank=rank,
                    world_size=world_size, seed=seed)
