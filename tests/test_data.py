@@ -523,6 +523,22 @@ def test_flips_follow_data_flip_and_whether_the_dataset_is_mirror_invariant(tmp_
     assert ds.transform.desc1 == ds.transform.desc2 == dataclasses.replace(small, flip_p=expected)
 
 
+def test_the_augmented_probe_flips_only_where_the_dataset_allows_it():
+    from sfrik_scale.eval.data import classifier_train_transform
+
+    half = np.zeros((16, 16, 3), np.uint8)
+    half[:, 8:] = 255  # dark left half, bright right half: a flip swaps them
+    img = Image.fromarray(half)
+
+    def flipped(flip: bool) -> list[bool]:
+        t = classifier_train_transform(16, (1.0, 1.0), flip=flip)
+        torch.manual_seed(0)
+        return [bool(out[:, :, :8].mean() > out[:, :, 8:].mean()) for out in (t(img) for _ in range(32))]
+
+    assert not any(flipped(False))  # digits: a mirrored digit is another symbol
+    assert 0 < sum(flipped(True)) < 32
+
+
 def test_the_pretrain_loader_chooses_its_backend_and_dataset_options(monkeypatch):
     from types import SimpleNamespace
 

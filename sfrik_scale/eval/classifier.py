@@ -5,7 +5,8 @@ Recipes (VICReg / SFRIK evaluation scripts; the defaults of the commands):
   its pretraining statistics); a linear head initialised N(0, 0.01) with zero bias is
   trained with SGD (momentum 0.9), cosine decay over 100 epochs (per epoch, to 0), batch
   256, lr 0.4 (VICReg's recipe uses 0.02: ``--lr 0.02``), weight decay 1e-6. Training crops
-  RandomResizedCrop + horizontal flip; validation resize 256/224 x size (whole image up to 64 px) + center crop.
+  RandomResizedCrop + horizontal flip (not on digits); validation resize 256/224 x size
+  (whole image up to 64 px) + center crop.
 - ``sfrik-scale finetune``: the backbone is trained too, in train mode; 20 epochs, batch
   256, weight decay 0; with 1 % of the labels backbone lr 0.004 and head lr 1.0, with 10 %
   0.02 and 0.1 (`finetune_learning_rates`).
@@ -38,7 +39,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from .. import comm
-from ..data import EpochIndexSampler, ShardedSampler, mix_seed
+from ..data import EpochIndexSampler, ShardedSampler, mirror_invariant, mix_seed
 from .common import (average_floating_state, average_gradients, base_result, finish_result, save_state,
                      shard_range, sum_over_ranks, topk_correct)
 from .data import SeededAugmentDataset, classifier_train_transform, eval_view
@@ -154,8 +155,9 @@ class ClassifierTraining:
                            "name": "backbone"})
         self.params = [p for g in groups for p in g["params"]]
         self.optimizer = torch.optim.SGD(groups, lr=0.0, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        train_set = SeededAugmentDataset(s.train_base, classifier_train_transform(s.spec.image_size, hp.crop_scale),
-                                         s.train_indices, seed=hp.seed)
+        # no flips where a mirrored image is another class (digits), as in pretraining
+        transform = classifier_train_transform(s.spec.image_size, hp.crop_scale, flip=mirror_invariant(s.spec.dataset))
+        train_set = SeededAugmentDataset(s.train_base, transform, s.train_indices, seed=hp.seed)
         self.sampler = ShardedSampler(len(train_set), rank=topo.rank, world_size=topo.world_size, seed=hp.seed,
                                       shuffle=True, drop_last=False, global_batch=hp.batch_size)
         cuda = topo.device.type == "cuda"

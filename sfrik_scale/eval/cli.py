@@ -212,7 +212,8 @@ _DESCRIPTIONS = {
               "baselines. Data parallel; top-1/top-5 in OUT/result.json. See docs/evaluation.md.",
     "supervised": "The supervised upper bound of the comparison table: the source's backbone architecture, "
                   "randomly initialised, trained end to end with a linear head on all training labels (SGD "
-                  "momentum 0.9, cosine, batch 64, lr 0.05, wd 5e-4, 50 epochs, the classifiers' crops and flips). "
+                  "momentum 0.9, cosine, batch 64, lr 0.05, wd 5e-4, 50 epochs, the classifiers' crops and flips; "
+                  "no flips on digits). "
                   "Top-1/top-5 on the val split in OUT/result.json (kind 'supervised').",
     "finetune": "Semi-supervised fine-tuning: the pretrained backbone (train mode) and a linear head N(0, 0.01) "
                 "trained end to end on a labelled subset (--label-fraction, --images-per-class or "

@@ -4,7 +4,8 @@
 "synthetic" and "digits" have built-in splits; "image_folder" (ImageNet, Places205 layout
 ``root/<class>/<image>``) and "file_list" take a path per split. Transforms follow the
 linear-evaluation recipes (VICReg, SFRIK): training crops ``RandomResizedCrop(size, scale)``
-(bilinear) plus a horizontal flip; validation resizes the short side to 256/224 x size (the size itself up to 64 px) and
+(bilinear) plus a horizontal flip (none on digits, whose mirror images are other classes);
+validation resizes the short side to 256/224 x size (the size itself up to 64 px) and
 center-crops (`sfrik_scale.data.build_eval_transform`).
 
 Training augmentations are drawn per sample from a generator seeded with
@@ -113,10 +114,13 @@ def default_crop_scale(image_size: int) -> Tuple[float, float]:
     return SMALL_IMAGE_CROP_SCALE if image_size <= SMALL_IMAGE_SIZE else (0.08, 1.0)
 
 
-def classifier_train_transform(image_size: int, crop_scale: Tuple[float, float] = (0.08, 1.0)) -> Callable:
-    """RandomResizedCrop(image_size, crop_scale, bilinear) + horizontal flip + ImageNet normalisation."""
+def classifier_train_transform(image_size: int, crop_scale: Tuple[float, float] = (0.08, 1.0),
+                               flip: bool = True) -> Callable:
+    """RandomResizedCrop(image_size, crop_scale, bilinear) + horizontal flip (unless ``flip`` is
+    false: datasets whose mirror images are other classes, `mirror_invariant`) + ImageNet normalisation."""
     return build_view_transform(ViewAugmentation(
-        size=image_size, crop_scale=tuple(crop_scale), interpolation="bilinear", flip_p=0.5, jitter_p=0.0,
+        size=image_size, crop_scale=tuple(crop_scale), interpolation="bilinear", flip_p=0.5 if flip else 0.0,
+        jitter_p=0.0,
         grayscale_p=0.0, blur_p=0.0, solarize_p=0.0))
 
 
