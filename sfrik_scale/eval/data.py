@@ -120,8 +120,7 @@ def classifier_train_transform(image_size: int, crop_scale: Tuple[float, float] 
     false: datasets whose mirror images are other classes, `mirror_invariant`) + ImageNet normalisation."""
     return build_view_transform(ViewAugmentation(
         size=image_size, crop_scale=tuple(crop_scale), interpolation="bilinear", flip_p=0.5 if flip else 0.0,
-        jitter_p=0.0,
-        grayscale_p=0.0, blur_p=0.0, solarize_p=0.0))
+        jitter_p=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0))
 
 
 class TransformedSubset(Dataset):
