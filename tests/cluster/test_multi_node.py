@@ -100,7 +100,15 @@ def test_a_host_that_never_answers_is_one_line_within_the_ssh_timeout(cluster, t
     server.bind((addr, 22))
     server.listen(8)
     held = []
-    threading.Thread(target=lambda: [held.append(server.accept()) for _ in range(8)], daemon=True).start()
+
+    def hold() -> None:  # accept and say nothing, until the test closes the listener
+        try:
+            for _ in range(8):
+                held.append(server.accept())
+        except OSError:
+            pass
+
+    threading.Thread(target=hold, daemon=True).start()
     try:
         start = time.time()
         proc = launch(tmp_path, f"node1 slots=1\n{next(iter(UNREACHABLE))} slots=1\n", *CONFIG, "train.run_dir=run",

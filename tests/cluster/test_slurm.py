@@ -174,16 +174,34 @@ def test_deepspeed_launcher_slurm_route_inside_an_allocation(cluster, reference,
     print(f"deepspeed --launcher slurm, 2 nodes, {STEPS} steps: {time.time() - start:.1f} s")
 
 
+def seconds_per_step(run: Path) -> float:
+    """The median wall time of one optimiser step in a finished run, from its epoch records
+    (``steps`` counts from the start of the run, ``time_s`` the epoch); the first epoch
+    (warm-up) left out."""
+    epochs = summary(run)["epochs"]
+    per_step = sorted(e["time_s"] / (e["steps"] - before["steps"]) for before, e in zip(epochs, epochs[1:]))
+    return per_step[len(per_step) // 2]
+
+
 def test_the_time_limit_signal_route_checkpoints_requeues_and_finishes(cluster, tmp_path):
     """`--time=2 --signal=USR1@60`: SLURM itself sends SIGUSR1 to the tasks (not the batch shell)
     about a minute before the time limit (its timer fired 4-11 s early in our trials); every
     rank checkpoints at the next step boundary and exits 75, the script requeues, and the
-    requeued job resumes (signalled again if it is still running then) until it finishes. 900
-    steps (70-100 s of training here, after about 16 s of start-up; the signal came after
-    330-490 steps in our runs) so that the first signal lands mid-run. A signal that comes after training ended must not kill a task either: Python
-    restores the default action (terminate) while it shuts down."""
+    requeued job resumes (signalled again if it is still running then) until it finishes.
+
+    The run is sized in seconds, not steps: a first, short job of the same shape measures the
+    step time (80-90 ms here), and
+    the long one gets about 75 s of training at that pace, so that the first signal (at most
+    ~44 s into training: 60 s less a start-up of ~16 s) lands mid-run on a fast machine too,
+    and a slow one needs no more requeues. (A fixed 900 steps took 70-100 s here but finished
+    before the signal on a faster CI machine.) A signal that comes after training ended must
+    not kill a task either: Python restores the default action (terminate) while it shuts
+    down."""
     start = time.time()
-    steps = 900
+    probe_run = submit(tmp_path, "--nodes=2", "--ntasks-per-node=1", args=[*CONFIG, "train.run_dir=pace"])
+    assert wait_done(probe_run)["JobState"] == "COMPLETED", log_of(tmp_path, probe_run)[-3000:]
+    step_s = seconds_per_step(tmp_path / "pace")
+    steps = min(20000, max(400, 4 * math.ceil(75.0 / step_s / 4)))  # whole epochs of 4 steps
     long_run = [*CONFIG, f"train.max_steps={steps}", f"train.epochs={steps // 4}"]
     job_id = submit(tmp_path, "--nodes=2", "--ntasks-per-node=1", "--time=2", "--signal=USR1@60", args=long_run)
     info = wait_done(job_id, timeout=480)  # COMPLETED only at the very end: a requeued job is PENDING meanwhile
@@ -197,5 +215,5 @@ def test_the_time_limit_signal_route_checkpoints_requeues_and_finishes(cluster, 
     assert all(math.isfinite(v) for v in s["loss_history"])
     at = [line.split("preempted: checkpoint at step ")[1].split(";")[0] for line in log.splitlines()
           if "preempted: checkpoint at step" in line]
-    print(f"sbatch --time=2 --signal=USR1@60, {steps} steps, preempted at step(s) {', '.join(at)}, "
+    print(f"sbatch --time=2 --signal=USR1@60, {steps} steps ({step_s * 1e3:.0f} ms a step in the pace job), preempted at step(s) {', '.join(at)}, "
           f"{info['Restarts']} restart(s): {time.time() - start:.1f} s")
